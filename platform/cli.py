@@ -1,0 +1,427 @@
+"""The ``metacrm`` command: ``metacrm <noun> <verb>``.
+
+Every command builds its own ``Platform`` from the settings, so the CLI and the
+web application go through the same services and the same checks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import sqlalchemy as sa
+
+from metacrm.metadata.loader import validate_folder
+from metacrm.metadata.validation import BundleInvalid, Problem
+from metacrm.runtime import metastore, settings, tenancy
+from metacrm.runtime.control import Membership, Tenant, User
+from metacrm.runtime.metastore import Actor
+from metacrm.runtime.migrator import DataCheckFailed
+from metacrm.runtime.platform import Platform
+from metacrm.runtime.tokens import create_token
+
+DEMO_SLUG = "demo"
+DEMO_EMAIL = "admin@demo.metacrm.local"
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.secho(f"Error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def _platform(ctx: click.Context) -> Platform:
+    if ctx.obj is None:
+        try:
+            ctx.obj = Platform(settings.load())
+        except settings.SettingsError as exc:
+            _fail(str(exc), 2)
+        ctx.obj.init_control()
+        ctx.call_on_close(ctx.obj.close)
+    return ctx.obj
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        click.echo(f"  {problem.pointer or '/'}: {problem.message}")
+        if problem.hint:
+            click.echo(f"      hint: {problem.hint}")
+
+
+def _tenant(platform: Platform, slug: str) -> Tenant:
+    with platform.session() as session:
+        tenant = platform.tenant(session, slug)
+    if tenant is None:
+        _fail(f"there is no tenant '{slug}'")
+    return tenant
+
+
+def _load(folder: str) -> dict[str, Any]:
+    loaded, problems = validate_folder(folder)
+    if problems:
+        click.echo(f"{folder}: {len(problems)} problem(s)")
+        _print_problems(problems)
+        sys.exit(1)
+    return loaded.doc
+
+
+@click.group()
+@click.version_option(package_name="metacrm")
+def main() -> None:
+    """metacrm: a low-code CRM platform."""
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (setting: host).")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="Port (setting: port).")
+@click.option("--demo", is_flag=True, help="Create the demo tenant with sample data if missing.")
+def serve(host: str | None, port: int | None, demo: bool) -> None:
+    """Run the development server."""
+    from metacrm.app import create_app
+
+    try:
+        app = create_app()
+    except settings.SettingsError as exc:
+        _fail(str(exc), 2)
+    platform: Platform = app.extensions["metacrm"]
+    host = host or platform.settings.host
+    port = port or platform.settings.port
+    base = f"http://{host}:{port}"
+    if demo:
+        email, password, token = _ensure_demo(platform)
+        click.echo("")
+        click.secho("metacrm is running with a demo tenant", bold=True)
+        click.echo(f"  URL:        {base}/")
+        click.echo(f"  Tenant API: {base}/t/{DEMO_SLUG}/api/v1/meta/")
+        click.echo(f"  Login:      {email} / {password}")
+        click.echo(f"  API token:  {token}")
+        click.echo(
+            f"  Try:        curl -H 'Authorization: Bearer {token}' "
+            f"{base}/t/{DEMO_SLUG}/api/v1/meta/versions"
+        )
+        click.echo("")
+    app.run(host=host, port=port, debug=False, use_reloader=False)
+
+
+def _ensure_demo(platform: Platform) -> tuple[str, str, str]:
+    """Create the demo tenant once; return its admin login and API token."""
+    from metacrm.runtime.demo import load_sample
+
+    credentials = platform.settings.instance_dir / "demo_credentials.json"
+    with platform.session() as session:
+        exists = platform.tenant(session, DEMO_SLUG) is not None
+    if exists and credentials.exists():
+        saved = json.loads(credentials.read_text("utf-8"))
+        return saved["email"], saved["password"], saved["token"]
+    if exists:
+        tenancy.delete_tenant(platform, DEMO_SLUG)
+    created = tenancy.create_tenant(
+        platform, DEMO_SLUG, "Demo Trading Co. 演示贸易公司", admin_email=DEMO_EMAIL
+    )
+    assert created.admin is not None
+    load_sample(platform.store(created.tenant), created.admin.id)
+    with platform.session() as session:
+        tenant = platform.tenant(session, DEMO_SLUG)
+        admin = session.get(User, created.admin.id)
+        _, token = create_token(session, tenant, admin, "demo")
+    password = created.generated_password or "(unchanged)"
+    credentials.write_text(
+        json.dumps({"email": DEMO_EMAIL, "password": password, "token": token}), "utf-8"
+    )
+    credentials.chmod(0o600)
+    return DEMO_EMAIL, password, token
+
+
+# -- tenant ---------------------------------------------------------------------------------
+
+
+@main.group()
+def tenant() -> None:
+    """Create, list and delete tenants."""
+
+
+@tenant.command("create")
+@click.argument("slug")
+@click.option("--name", required=True, help="The company's name.")
+@click.option("--template", default="core", show_default=True, help="Bundle to start from.")
+@click.option("--admin-email", required=True, help="Email of the first admin.")
+@click.option(
+    "--admin-password", default=None, help="Password (generated and printed if left out)."
+)
+@click.option("--sample-data", is_flag=True, help="Load the template's sample records.")
+@click.pass_context
+def tenant_create(
+    ctx: click.Context,
+    slug: str,
+    name: str,
+    template: str,
+    admin_email: str,
+    admin_password: str | None,
+    sample_data: bool,
+) -> None:
+    """Create a tenant from a template, with its first admin."""
+    platform = _platform(ctx)
+    try:
+        created = tenancy.create_tenant(platform, slug, name, template, admin_email, admin_password)
+    except tenancy.TenantError as exc:
+        _fail(str(exc))
+    except BundleInvalid as exc:
+        _print_problems(exc.problems)
+        _fail(f"template {template!r} is not valid")
+    if sample_data:
+        from metacrm.runtime.demo import load_sample
+
+        count = load_sample(
+            platform.store(created.tenant), created.admin.id if created.admin else None
+        )
+        click.echo(f"Loaded {count} sample records.")
+    click.echo(f"Created tenant '{slug}' ({name}) from template '{template}'.")
+    click.echo(f"Admin: {admin_email.lower()}")
+    if created.generated_password:
+        click.echo(f"Password (shown once): {created.generated_password}")
+
+
+@tenant.command("list")
+@click.pass_context
+def tenant_list(ctx: click.Context) -> None:
+    """List tenants."""
+    for item in tenancy.list_tenants(_platform(ctx)):
+        where = item.schema or "sqlite file"
+        click.echo(
+            f"{item.slug}\t{item.name}\t{item.template}\t{where}\t{item.created_at:%Y-%m-%d}"
+        )
+
+
+@tenant.command("delete")
+@click.argument("slug")
+@click.option("--confirm", is_flag=True, help="Required: the tenant's data is deleted for good.")
+@click.pass_context
+def tenant_delete(ctx: click.Context, slug: str, confirm: bool) -> None:
+    """Delete a tenant and all its data."""
+    if not confirm:
+        _fail(f"deleting '{slug}' removes all its data; repeat with --confirm")
+    try:
+        tenancy.delete_tenant(_platform(ctx), slug)
+    except tenancy.TenantError as exc:
+        _fail(str(exc))
+    click.echo(f"Deleted tenant '{slug}'.")
+
+
+# -- token ----------------------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """API tokens."""
+
+
+@token.command("create")
+@click.option("--tenant", "slug", required=True)
+@click.option("--user", "email", required=True, help="Email of a member of the tenant.")
+@click.option("--name", required=True, help="What the token is for.")
+@click.option("--read-only", is_flag=True, help="Refuse writes made with this token.")
+@click.pass_context
+def token_create(ctx: click.Context, slug: str, email: str, name: str, read_only: bool) -> None:
+    """Create an API token for a member and print it (once)."""
+    platform = _platform(ctx)
+    if not 1 <= len(name) <= 100:
+        _fail("--name must be 1 to 100 characters long")
+    with platform.session() as session:
+        item = platform.tenant(session, slug)
+        if item is None:
+            _fail(f"there is no tenant '{slug}'")
+        user = session.scalar(sa.select(User).where(User.email == email.strip().lower()))
+        member = user and session.scalar(
+            sa.select(Membership).where(
+                Membership.user_id == user.id, Membership.tenant_id == item.id
+            )
+        )
+        if not member:
+            _fail(f"{email} is not a member of '{slug}'")
+        _, secret = create_token(session, item, user, name, read_only)
+    click.echo(secret)
+
+
+# -- meta -----------------------------------------------------------------------------------
+
+
+@main.group()
+def meta() -> None:
+    """Validate, plan and publish metadata."""
+
+
+@meta.command("validate")
+@click.argument("folder", type=click.Path(file_okay=False))
+def meta_validate(folder: str) -> None:
+    """Validate a bundle folder and list every problem."""
+    _load(folder)
+    click.echo(f"{folder}: valid")
+
+
+def _print_plan(plan: Any, failures: list[Any] = ()) -> None:
+    if plan.empty:
+        click.echo("No changes.")
+    for number, op in enumerate(plan.operations, 1):
+        flags = (
+            " [destructive]" if op.destructive else (" [checked against data]" if op.risky else "")
+        )
+        click.echo(f"{number:>3}. {op.description}{flags}")
+    for failure in failures:
+        click.secho(f"  refused: {failure.message}", fg="red")
+        if failure.sample_ids:
+            click.echo(f"      e.g. records {', '.join(failure.sample_ids)}")
+
+
+@meta.command("plan")
+@click.option("--tenant", "slug", required=True)
+@click.option("--purge", multiple=True, help="Archived 'entity' or 'entity.field' to drop.")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.pass_context
+def meta_plan(ctx: click.Context, slug: str, purge: tuple[str, ...], folder: str) -> None:
+    """Show what publishing a bundle folder would do."""
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    doc = _load(folder)
+    try:
+        with store.connect() as connection:
+            head, plan, failures = metastore.preview(connection, doc, purge)
+    except BundleInvalid as exc:
+        _print_problems(exc.problems)
+        sys.exit(1)
+    click.echo(f"Against version {head.version}:")
+    _print_plan(plan, failures)
+    sys.exit(1 if failures else 0)
+
+
+@meta.command("publish")
+@click.option("--tenant", "slug", required=True)
+@click.option(
+    "--expected-version", type=int, required=True, help="The version you planned against."
+)
+@click.option("--comment", default="")
+@click.option("--confirm-destructive", is_flag=True)
+@click.option("--purge", multiple=True, help="Archived 'entity' or 'entity.field' to drop.")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.pass_context
+def meta_publish(
+    ctx: click.Context,
+    slug: str,
+    expected_version: int,
+    comment: str,
+    confirm_destructive: bool,
+    purge: tuple[str, ...],
+    folder: str,
+) -> None:
+    """Publish a bundle folder as the tenant's next metadata version."""
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    doc = _load(folder)
+    _run_publish(
+        lambda: metastore.publish(
+            store,
+            doc,
+            expected_version=expected_version,
+            actor=Actor(None, "cli"),
+            comment=comment,
+            confirm_destructive=confirm_destructive,
+            purge=purge,
+            lock_timeout_ms=_platform(ctx).settings.ddl_lock_timeout_ms,
+        )
+    )
+
+
+def _run_publish(call: Any) -> None:
+    try:
+        version = call()
+    except BundleInvalid as exc:
+        _print_problems(exc.problems)
+        _fail("nothing was changed")
+    except (metastore.VersionConflict, metastore.UnknownVersion, metastore.SchemaBusy) as exc:
+        _fail(f"{exc}; nothing was changed")
+    except metastore.ConfirmationRequired as exc:
+        _print_plan(exc.plan)
+        _fail("the plan drops data: repeat with --confirm-destructive; nothing was changed")
+    except DataCheckFailed as exc:
+        for failure in exc.failures:
+            click.echo(f"  {failure.message}")
+            if failure.sample_ids:
+                click.echo(f"      e.g. records {', '.join(failure.sample_ids)}")
+        _fail("the data does not allow this change; nothing was changed")
+    click.echo(f"Published version {version.version} ({len(version.operations)} operations).")
+
+
+@meta.command("history")
+@click.option("--tenant", "slug", required=True)
+@click.pass_context
+def meta_history(ctx: click.Context, slug: str) -> None:
+    """List the published versions."""
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    with store.connect() as connection:
+        for version in metastore.history(connection):
+            s = version.summary()
+            click.echo(
+                f"{s['version']:>4}  {s['created_at'][:19]}  {s['action']:<8} "
+                f"{s['created_by'] or '-':<24} {s['operations']:>3} ops  {s['comment']}"
+            )
+
+
+@meta.command("diff")
+@click.option("--tenant", "slug", required=True)
+@click.argument("from_version", type=int)
+@click.argument("to_version", type=int)
+@click.pass_context
+def meta_diff(ctx: click.Context, slug: str, from_version: int, to_version: int) -> None:
+    """Show the operations between two versions."""
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    try:
+        with store.connect() as connection:
+            plan = metastore.diff(connection, from_version, to_version)
+    except metastore.UnknownVersion as exc:
+        _fail(str(exc))
+    _print_plan(plan)
+
+
+@meta.command("rollback")
+@click.option("--tenant", "slug", required=True)
+@click.option("--to", "to_version", type=int, required=True)
+@click.option("--expected-version", type=int, required=True)
+@click.option("--confirm-destructive", is_flag=True)
+@click.pass_context
+def meta_rollback(
+    ctx: click.Context, slug: str, to_version: int, expected_version: int, confirm_destructive: bool
+) -> None:
+    """Publish an earlier version again, as a new version."""
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    _run_publish(
+        lambda: metastore.rollback(
+            store,
+            to_version,
+            expected_version=expected_version,
+            actor=Actor(None, "cli"),
+            confirm_destructive=confirm_destructive,
+        )
+    )
+
+
+@meta.command("export")
+@click.option("--tenant", "slug", required=True)
+@click.option("--version", "number", type=int, default=None, help="Default: the latest.")
+@click.argument("output", type=click.Path(dir_okay=False, writable=True))
+@click.pass_context
+def meta_export(ctx: click.Context, slug: str, number: int | None, output: str) -> None:
+    """Write a published bundle to a JSON file."""
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    try:
+        with store.connect() as connection:
+            version = (
+                metastore.current(connection)
+                if number is None
+                else metastore.get(connection, number)
+            )
+    except metastore.UnknownVersion as exc:
+        _fail(str(exc))
+    Path(output).write_text(json.dumps(version.bundle, ensure_ascii=False, indent=2), "utf-8")
+    click.echo(f"Wrote version {version.version} to {output}.")

@@ -1,0 +1,1 @@
+"""What metadata becomes: tenant storage, records, the REST API, identity and access."""

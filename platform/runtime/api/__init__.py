@@ -1,0 +1,1 @@
+"""The REST API: blueprints under ``/t/<tenant>/api/v1/``."""

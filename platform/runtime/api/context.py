@@ -1,0 +1,72 @@
+"""Resolve the tenant from the URL and the caller from the bearer token.
+
+The tenant comes only from the URL path, and the token must belong to that
+tenant: a token of tenant A on tenant B's path is answered exactly like an
+unknown tenant (404), so nothing tells an outsider which tenants exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app, g, request
+from sqlalchemy.orm import Session
+
+from metacrm.runtime.api.problem import abort
+from metacrm.runtime.control import Tenant
+from metacrm.runtime.platform import Platform
+from metacrm.runtime.store import TenantStore
+from metacrm.runtime.tokens import Principal, authenticate
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The tenant a request is for, its store, and who makes it."""
+
+    tenant: Tenant
+    store: TenantStore
+    principal: Principal
+
+
+def platform() -> Platform:
+    """Return the application's platform object."""
+    return current_app.extensions["metacrm"]
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def resolve(slug: str) -> RequestContext:
+    """Return the request's context, or answer 401/404 problems."""
+    cached = g.get("metacrm_context")
+    if cached is not None:
+        return cached
+    presented = _bearer()
+    if presented is None:
+        abort(
+            401,
+            "unauthorized",
+            "Authentication required",
+            "send an API token as 'Authorization: Bearer <token>'",
+        )
+    p = platform()
+    with Session(p.control_engine, expire_on_commit=False) as session, session.begin():
+        tenant = p.tenant(session, slug) if len(slug) <= 63 else None
+        principal = authenticate(session, tenant, presented) if tenant is not None else None
+    if tenant is None or principal is None:
+        if tenant is not None:
+            abort(
+                401,
+                "unauthorized",
+                "Authentication required",
+                "the API token is not valid for this tenant, or it expired or was revoked",
+            )
+        abort(404, "not_found", "Not Found", "there is no such tenant")
+    context = RequestContext(tenant, p.store(tenant), principal)
+    g.metacrm_context = context
+    return context

@@ -1,0 +1,93 @@
+"""The control database: what is global across tenants.
+
+It holds the tenant registry (with each tenant's database URL, so a big tenant
+can live on its own server), login identities, memberships and API tokens.
+Tenant data never lives here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from uuid6 import uuid7
+
+from metacrm.metadata.coltypes import JSONValue, UTCDateTime
+
+
+def utcnow() -> dt.datetime:
+    """Return the current time, aware, in UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    """Base of the control database's own (fixed) tables."""
+
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSONValue()}
+
+
+class Tenant(Base):
+    """A company using metacrm: a slug in URLs and a place where its tables live."""
+
+    __tablename__ = "tenant"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    slug: Mapped[str] = mapped_column(sa.String(48), unique=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    #: Where the tenant's tables live; a PostgreSQL schema name, or None for a SQLite file.
+    database_url: Mapped[str] = mapped_column(sa.String(1000))
+    schema: Mapped[str | None] = mapped_column(sa.String(63))
+    template: Mapped[str] = mapped_column(sa.String(63))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    """A login identity; one person may be a member of several tenants."""
+
+    __tablename__ = "user_account"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    email: Mapped[str] = mapped_column(sa.String(254), unique=True)
+    display_name: Mapped[str] = mapped_column(sa.String(200))
+    password_hash: Mapped[str | None] = mapped_column(sa.String(200))
+    is_active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Membership(Base):
+    """A user's place in one tenant: the roles they hold there."""
+
+    __tablename__ = "membership"
+    __table_args__ = (sa.UniqueConstraint("tenant_id", "user_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("tenant.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("user_account.id", ondelete="CASCADE"))
+    roles: Mapped[list[str]] = mapped_column(JSONValue())
+    is_active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token for the API, stored as a hash; the secret is shown once."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("tenant.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("user_account.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(100))
+    secret_hash: Mapped[str] = mapped_column(sa.String(64))
+    read_only: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime | None]
+    last_used_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
+
+
+def create_schema(engine: sa.Engine) -> None:
+    """Create the control database's tables where they do not exist yet."""
+    Base.metadata.create_all(engine)

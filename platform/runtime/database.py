@@ -1,0 +1,92 @@
+"""Engines and connections: one pooled engine per database URL, set up the same way.
+
+SQLite needs care to behave like a real transactional database: pysqlite's
+own transaction handling is switched off and ``BEGIN`` is emitted by us, so
+DDL and SAVEPOINTs are transactional (SQLAlchemy's documented recipe);
+foreign keys, WAL and a busy timeout are set on every connection; and the
+functions the expression language needs are registered.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from metacrm.metadata.expression import register_sqlite_functions
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def _setup_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if engine.url.database not in (None, "", ":memory:"):
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+        register_sqlite_functions(dbapi_connection)
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: sa.Connection) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Engines:
+    """A cache of engines keyed by URL, so tenants on one server share one pool."""
+
+    def __init__(self, pool_size: int = 5, echo: bool = False) -> None:
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+        self._pool_size = pool_size
+        self._echo = echo
+
+    def get(self, url: str) -> Engine:
+        """Return the engine for ``url``, creating it on first use."""
+        engine = self._engines.get(url)
+        if engine is not None:
+            return engine
+        with self._lock:
+            engine = self._engines.get(url)
+            if engine is None:
+                engine = create_engine(url, pool_size=self._pool_size, echo=self._echo)
+                self._engines[url] = engine
+            return engine
+
+    def dispose(self, engine: Engine | None = None) -> None:
+        """Close the pooled connections of one engine, or of all, and forget them."""
+        with self._lock:
+            keys = [k for k, e in self._engines.items() if engine is None or e is engine]
+            for key in keys:
+                self._engines.pop(key).dispose()
+
+
+def create_engine(url: str, pool_size: int = 5, echo: bool = False) -> Engine:
+    """Create an engine configured for metacrm (SQLite recipe, pool sizes)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(parsed, echo=echo)
+        _setup_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(
+            f"unsupported database {parsed.get_backend_name()!r}: use PostgreSQL or SQLite"
+        )
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return sa.create_engine(
+        parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
+    )
+
+
+def is_sqlite(bind: sa.Connection | Engine) -> bool:
+    """Tell whether a connection or engine talks to SQLite."""
+    return bind.dialect.name == "sqlite"

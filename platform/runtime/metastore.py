@@ -1,0 +1,327 @@
+"""A tenant's versioned metadata: plan, publish, history, diff and rollback.
+
+Publishing is one transaction that holds the version check, the data checks,
+the DDL and the new version row; anything that fails leaves schema, data and
+metadata exactly as they were, on both backends. ``expected_version`` makes two
+admins' publishes conflict instead of overwriting each other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from metacrm.metadata.model import Bundle, empty_bundle
+from metacrm.metadata.plan import Plan, make_plan
+from metacrm.metadata.validation import BundleInvalid, Problem
+from metacrm.runtime.migrator import (
+    CheckFailure,
+    DataCheckFailed,
+    apply_plan,
+    check_plan,
+    foreign_key_violations,
+)
+from metacrm.runtime.store import TenantStore, meta_version
+
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change, as recorded with it."""
+
+    user_id: uuid.UUID | None
+    name: str
+
+
+SYSTEM_ACTOR = Actor(None, "system")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One published version of a tenant's metadata."""
+
+    version: int
+    bundle: dict[str, Any]
+    operations: list[dict[str, Any]]
+    action: str
+    comment: str
+    created_at: dt.datetime | None
+    created_by_name: str | None
+
+    def summary(self) -> dict[str, Any]:
+        """Return the version without its bundle, as history lists it."""
+        return {
+            "version": self.version,
+            "action": self.action,
+            "comment": self.comment,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "created_by": self.created_by_name,
+            "operations": len(self.operations),
+        }
+
+
+class VersionConflict(Exception):
+    """The bundle was planned against a version that is no longer the latest."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(f"expected version {expected}, but the published version is {current}")
+        self.expected = expected
+        self.current = current
+
+
+class ConfirmationRequired(Exception):
+    """The plan drops data and the caller did not confirm it."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__("the plan drops data; confirm the destructive operations to apply it")
+        self.plan = plan
+
+
+class UnknownVersion(LookupError):
+    """A version number that was never published."""
+
+
+class SchemaBusy(Exception):
+    """The tables were locked by other work for longer than the lock timeout, every try."""
+
+
+_NOTHING = Version(0, empty_bundle(), [], "none", "", None, None)
+
+
+def _row_to_version(row: Any) -> Version:
+    return Version(
+        row.version,
+        row.bundle,
+        row.operations,
+        row.action,
+        row.comment,
+        row.created_at,
+        row.created_by_name,
+    )
+
+
+def current(connection: Connection) -> Version:
+    """Return the latest published version (version 0, an empty bundle, before any)."""
+    row = connection.execute(
+        sa.select(meta_version).order_by(meta_version.c.version.desc()).limit(1)
+    ).first()
+    return _row_to_version(row) if row else _NOTHING
+
+
+def get(connection: Connection, version: int) -> Version:
+    """Return one published version; UnknownVersion when there is none."""
+    if version == 0:
+        return _NOTHING
+    row = connection.execute(
+        sa.select(meta_version).where(meta_version.c.version == version)
+    ).first()
+    if row is None:
+        raise UnknownVersion(f"version {version} was never published")
+    return _row_to_version(row)
+
+
+def history(connection: Connection) -> list[Version]:
+    """Return every published version, newest first."""
+    rows = connection.execute(sa.select(meta_version).order_by(meta_version.c.version.desc()))
+    return [_row_to_version(row) for row in rows]
+
+
+def preview(
+    connection: Connection, new_doc: Any, purge: Iterable[str] = ()
+) -> tuple[Version, Plan, list[CheckFailure]]:
+    """Plan a change against the published version and check it against the data."""
+    head = current(connection)
+    old = Bundle.from_doc(head.bundle)
+    plan = make_plan(old, new_doc, purge)
+    return head, plan, check_plan(connection, old, plan)
+
+
+def diff(connection: Connection, a: int, b: int) -> Plan:
+    """Return the operations that lead from version ``a`` to version ``b``."""
+    old, new = get(connection, a), get(connection, b)
+    old_bundle = Bundle.from_doc(old.bundle)
+    new_bundle = Bundle.from_doc(new.bundle)
+    purged = [
+        name
+        for name, entity in old_bundle.entities.items()
+        if entity.archived and name not in new_bundle.entities
+    ]
+    for name, entity in old_bundle.entities.items():
+        if name in new_bundle.entities:
+            purged.extend(
+                f"{name}.{f.name}"
+                for f in entity.fields.values()
+                if f.archived and f.name not in new_bundle.entities[name].fields
+            )
+    return make_plan(old_bundle, new.bundle, purged)
+
+
+@contextmanager
+def _publishing(store: TenantStore, lock_timeout_ms: int) -> Iterator[Connection]:
+    """Yield a connection in a transaction fit for DDL on this backend."""
+    with store.engine.connect() as raw:
+        sqlite = store.dialect == "sqlite"
+        if sqlite:
+            # The copy-and-rename rebuild needs foreign keys off; SQLite ignores the
+            # pragma inside a transaction, so it is set before BEGIN and restored after.
+            raw.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            connection = raw.execution_options(
+                schema_translate_map={None: store.schema}, sqlite_begin="IMMEDIATE"
+            )
+            with connection.begin():
+                if not sqlite:
+                    connection.exec_driver_sql(
+                        f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'"
+                    )
+                    connection.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                        {"key": f"metacrm.publish.{store.schema}"},
+                    )
+                yield connection
+                violations = foreign_key_violations(connection)
+                if violations:
+                    raise BundleInvalid(
+                        [
+                            Problem(
+                                "",
+                                f"the change would leave {len(violations)} "
+                                "broken reference(s) between records",
+                            )
+                        ]
+                    )
+        finally:
+            if sqlite:
+                raw.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
+
+
+def publish(
+    store: TenantStore,
+    new_doc: Any,
+    *,
+    expected_version: int,
+    actor: Actor = SYSTEM_ACTOR,
+    comment: str = "",
+    confirm_destructive: bool = False,
+    purge: Iterable[str] = (),
+    action: str = "publish",
+    lock_timeout_ms: int = 2000,
+    attempts: int = 5,
+) -> Version:
+    """Apply a new bundle as the next version, or raise and change nothing.
+
+    On PostgreSQL the DDL waits at most ``lock_timeout_ms`` for busy tables and
+    the whole transaction is retried, so a migration never queues behind a long
+    query while blocking every request that arrives after it.
+    """
+    purge = list(purge)
+    for attempt in range(attempts):
+        try:
+            return _publish_once(
+                store,
+                new_doc,
+                expected_version,
+                actor,
+                comment,
+                confirm_destructive,
+                purge,
+                action,
+                lock_timeout_ms,
+            )
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "sqlstate", None)
+            if code != LOCK_NOT_AVAILABLE:
+                raise
+            if attempt == attempts - 1:
+                raise SchemaBusy(
+                    f"tables stayed locked by other work through {attempts} tries"
+                ) from exc
+            time.sleep(0.05 * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _publish_once(
+    store: TenantStore,
+    new_doc: Any,
+    expected_version: int,
+    actor: Actor,
+    comment: str,
+    confirm_destructive: bool,
+    purge: list[str],
+    action: str,
+    lock_timeout_ms: int,
+) -> Version:
+    with _publishing(store, lock_timeout_ms) as connection:
+        head = current(connection)
+        if head.version != expected_version:
+            raise VersionConflict(expected_version, head.version)
+        old = Bundle.from_doc(head.bundle)
+        plan = make_plan(old, new_doc, purge)
+        if plan.empty and head.version:
+            return head
+        if plan.destructive and not confirm_destructive:
+            raise ConfirmationRequired(plan)
+        failures = check_plan(connection, old, plan)
+        if failures:
+            raise DataCheckFailed(failures)
+        apply_plan(connection, store.schema, old, plan)
+        version = Version(
+            head.version + 1,
+            plan.result,
+            [op.to_dict() for op in plan.operations],
+            action,
+            comment,
+            dt.datetime.now(dt.UTC),
+            actor.name,
+        )
+        try:
+            connection.execute(
+                meta_version.insert().values(
+                    version=version.version,
+                    bundle=version.bundle,
+                    operations=version.operations,
+                    action=action,
+                    comment=comment,
+                    created_at=version.created_at,
+                    created_by=actor.user_id,
+                    created_by_name=actor.name,
+                )
+            )
+        except IntegrityError:
+            raise VersionConflict(expected_version, head.version + 1) from None
+        return version
+
+
+def rollback(
+    store: TenantStore,
+    to_version: int,
+    *,
+    expected_version: int,
+    actor: Actor = SYSTEM_ACTOR,
+    comment: str = "",
+    confirm_destructive: bool = False,
+) -> Version:
+    """Publish an earlier version's bundle as a new version, through the same planner."""
+    with store.connect() as connection:
+        target = get(connection, to_version)
+    if to_version == 0:
+        raise UnknownVersion("version 0 is the empty bundle; roll back to a published version")
+    return publish(
+        store,
+        target.bundle,
+        expected_version=expected_version,
+        actor=actor,
+        comment=comment or f"roll back to version {to_version}",
+        confirm_destructive=confirm_destructive,
+        action="rollback",
+    )

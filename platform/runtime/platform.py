@@ -1,0 +1,54 @@
+"""The runtime's root object: settings, the engine cache and the control database.
+
+One ``Platform`` per process (the application factory and the CLI build it);
+everything that needs a database gets it from here, never from a module global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from metacrm.runtime import control
+from metacrm.runtime.database import Engines
+from metacrm.runtime.settings import Settings
+from metacrm.runtime.store import TenantStore
+
+
+class Platform:
+    """Access to the control database and to every tenant's store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engines = Engines(pool_size=settings.pool_size)
+
+    @property
+    def control_engine(self) -> sa.Engine:
+        return self.engines.get(self.settings.database_url)
+
+    def init_control(self) -> None:
+        """Create the control database's tables (and the instance folder) when missing."""
+        if self.settings.embedded:
+            self.settings.instance_dir.mkdir(parents=True, exist_ok=True)
+        control.create_schema(self.control_engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """Yield a control-database session that commits when the block succeeds."""
+        with Session(self.control_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def tenant(self, session: Session, slug: str) -> control.Tenant | None:
+        """Return the tenant with this slug, or None."""
+        return session.scalar(sa.select(control.Tenant).where(control.Tenant.slug == slug))
+
+    def store(self, tenant: control.Tenant) -> TenantStore:
+        """Return the store where a tenant's tables live."""
+        return TenantStore(tenant.slug, self.engines.get(tenant.database_url), tenant.schema)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engines.dispose()

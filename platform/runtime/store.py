@@ -1,0 +1,75 @@
+"""A tenant's own namespace: where its tables live and how to reach them.
+
+On PostgreSQL the namespace is a schema, named in the SQL through SQLAlchemy's
+``schema_translate_map`` (so pooled connections never depend on
+``search_path``); on SQLite it is a file of its own. Platform tables inside the
+namespace start with an underscore, which no metadata identifier can, so
+they never collide with an entity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from metacrm.metadata.coltypes import JSONValue, UTCDateTime
+
+PLATFORM = sa.MetaData()
+
+#: Every published metadata version of the tenant, kept forever.
+meta_version = sa.Table(
+    "_meta_version",
+    PLATFORM,
+    sa.Column("version", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("bundle", JSONValue(), nullable=False),
+    sa.Column("operations", JSONValue(), nullable=False),
+    sa.Column("action", sa.String(20), nullable=False),
+    sa.Column("comment", sa.String(1000), nullable=False, server_default=""),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("created_by", sa.Uuid(), nullable=True),
+    sa.Column("created_by_name", sa.String(254), nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class TenantStore:
+    """The connection details of one tenant's namespace."""
+
+    slug: str
+    engine: Engine
+    schema: str | None
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def _options(self, connection: Connection) -> Connection:
+        return connection.execution_options(schema_translate_map={None: self.schema})
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """Yield a connection that names this tenant's schema in every statement."""
+        with self.engine.connect() as connection:
+            yield self._options(connection)
+
+    @contextmanager
+    def begin(self, immediate: bool = False) -> Iterator[Connection]:
+        """Yield a connection inside one transaction, committed when the block ends.
+
+        ``immediate`` takes SQLite's write lock at BEGIN, so a read-then-write
+        transaction cannot fail half-way on a lock upgrade.
+        """
+        with self.engine.connect() as connection:
+            if immediate:
+                connection = connection.execution_options(sqlite_begin="IMMEDIATE")
+            connection = self._options(connection)
+            with connection.begin():
+                yield connection
+
+    def create_platform_tables(self, connection: Connection) -> None:
+        """Create the platform's own tables in this namespace."""
+        PLATFORM.create_all(connection)

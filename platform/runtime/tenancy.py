@@ -1,0 +1,200 @@
+"""Tenants: create one from a template, list them, delete one with its data.
+
+Creating a tenant makes its namespace (a PostgreSQL schema or a SQLite file),
+publishes the template as metadata version 1 through the same planner every
+later change goes through, and registers the tenant with its first admin.
+Anything that fails undoes the namespace, so no half-made tenant remains.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from metacrm.metadata.identifiers import identifier_problem
+from metacrm.metadata.loader import template_folder, validate_folder
+from metacrm.metadata.validation import BundleInvalid
+from metacrm.runtime import metastore
+from metacrm.runtime.control import Membership, Tenant, User
+from metacrm.runtime.passwords import generate_password, hash_password, password_problem
+from metacrm.runtime.platform import Platform
+from metacrm.runtime.store import TenantStore
+
+MAX_SLUG = 40
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,188}\.[^@\s]{1,63}", re.ASCII)
+
+
+class TenantError(ValueError):
+    """A tenant operation was refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class CreatedTenant:
+    """A new tenant, and the admin password when metacrm generated it."""
+
+    tenant: Tenant
+    admin: User | None
+    generated_password: str | None
+
+
+def slug_problem(slug: str) -> str | None:
+    """Return why a tenant slug is refused, or None."""
+    if len(slug) > MAX_SLUG:
+        return f"is {len(slug)} characters long; the limit is {MAX_SLUG}"
+    return identifier_problem(slug)
+
+
+def email_problem(email: str) -> str | None:
+    """Return why an email address is refused, or None."""
+    if not _EMAIL.fullmatch(email):
+        return f"{email!r} is not an email address"
+    return None
+
+
+@functools.cache
+def _template(name: str) -> dict[str, Any]:
+    try:
+        folder = template_folder(name)
+    except KeyError:
+        raise TenantError(f"there is no template {name!r}") from None
+    loaded, problems = validate_folder(folder)
+    if problems:
+        raise BundleInvalid(problems)
+    return loaded.doc
+
+
+def template_bundle(name: str) -> dict[str, Any]:
+    """Return a fresh copy of a shipped template's bundle document."""
+    return copy.deepcopy(_template(name))
+
+
+def _placement(platform: Platform, slug: str) -> tuple[str, str | None]:
+    settings = platform.settings
+    url = settings.tenant_database_url or settings.database_url
+    if sa.make_url(url).get_backend_name() == "sqlite":
+        return f"sqlite:///{settings.tenants_dir / f'{slug}.db'}", None
+    return url, f"{settings.tenant_schema_prefix}{slug}"
+
+
+def _create_namespace(platform: Platform, store: TenantStore) -> None:
+    if store.schema is None:
+        platform.settings.tenants_dir.mkdir(parents=True, exist_ok=True)
+        path = store.engine.url.database
+        if path and Path(path).exists():
+            raise TenantError(f"a database file for '{store.slug}' already exists at {path}")
+    else:
+        with store.engine.begin() as connection:
+            exists = connection.execute(
+                sa.text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :s"),
+                {"s": store.schema},
+            ).first()
+            if exists:
+                raise TenantError(f"the schema {store.schema} already exists")
+            connection.exec_driver_sql(f'CREATE SCHEMA "{store.schema}"')
+    with store.begin() as connection:
+        store.create_platform_tables(connection)
+
+
+def _drop_namespace(platform: Platform, store: TenantStore) -> None:
+    if store.schema is None:
+        path = store.engine.url.database
+        platform.engines.dispose(store.engine)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    else:
+        with store.engine.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE')
+
+
+def create_tenant(
+    platform: Platform,
+    slug: str,
+    name: str,
+    template: str = "core",
+    admin_email: str | None = None,
+    admin_password: str | None = None,
+) -> CreatedTenant:
+    """Create a tenant from a template, with its first admin; raise TenantError when refused."""
+    problem = slug_problem(slug)
+    if problem:
+        raise TenantError(f"tenant slug {slug!r} {problem}")
+    if not 1 <= len(name.strip()) <= 200:
+        raise TenantError("tenant name must be 1 to 200 characters long")
+    if admin_email is not None and email_problem(admin_email):
+        raise TenantError(email_problem(admin_email))
+    if admin_password is not None and password_problem(admin_password):
+        raise TenantError(f"admin password {password_problem(admin_password)}")
+    bundle = template_bundle(template)
+    url, schema = _placement(platform, slug)
+    with platform.session() as session:
+        if platform.tenant(session, slug) is not None:
+            raise TenantError(f"tenant '{slug}' already exists")
+    store = TenantStore(slug, platform.engines.get(url), schema)
+    _create_namespace(platform, store)
+    try:
+        metastore.publish(
+            store,
+            bundle,
+            expected_version=0,
+            action="create",
+            comment=f"created from template {template}",
+        )
+        with platform.session() as session:
+            tenant = Tenant(
+                slug=slug, name=name.strip(), database_url=url, schema=schema, template=template
+            )
+            session.add(tenant)
+            session.flush()
+            admin, generated = None, None
+            if admin_email is not None:
+                admin, generated = _ensure_user(session, admin_email, admin_password)
+                session.add(Membership(tenant_id=tenant.id, user_id=admin.id, roles=["admin"]))
+    except BaseException:
+        _drop_namespace(platform, store)
+        raise
+    return CreatedTenant(tenant, admin, generated)
+
+
+def _ensure_user(session: Session, email: str, password: str | None) -> tuple[User, str | None]:
+    email = email.strip().lower()
+    user = session.scalar(sa.select(User).where(User.email == email))
+    if user is not None:
+        if password is not None:
+            raise TenantError(
+                f"{email} already has a login; leave the password out to add "
+                "them to this tenant with the password they have"
+            )
+        return user, None
+    generated = None
+    if password is None:
+        password = generated = generate_password()
+    user = User(
+        email=email, display_name=email.split("@")[0], password_hash=hash_password(password)
+    )
+    session.add(user)
+    session.flush()
+    return user, generated
+
+
+def list_tenants(platform: Platform) -> list[Tenant]:
+    """Return every tenant, oldest first."""
+    with platform.session() as session:
+        return list(session.scalars(sa.select(Tenant).order_by(Tenant.created_at)))
+
+
+def delete_tenant(platform: Platform, slug: str) -> None:
+    """Delete a tenant with all its data; TenantError when there is no such tenant."""
+    with platform.session() as session:
+        tenant = platform.tenant(session, slug)
+        if tenant is None:
+            raise TenantError(f"there is no tenant '{slug}'")
+        store = platform.store(tenant)
+        session.delete(tenant)
+    _drop_namespace(platform, store)

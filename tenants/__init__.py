@@ -1,0 +1,1 @@
+"""Metadata bundles that ship: ``core`` and the industry templates (package ``metacrm.bundles``)."""
