@@ -1,1 +1,1 @@
-"""Shipped defaults: settings, and later the Casbin model and Celery/gunicorn settings (package ``metacrm.defaults``)."""
+"""Shipped defaults (package ``metacrm.defaults``): settings, later the Casbin model."""

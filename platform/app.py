@@ -16,7 +16,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Create a metacrm application; ``overrides`` win over every other settings source."""
     settings = settings_module.load(overrides)
 
-    app = Flask("metacrm", instance_path=str(settings.instance_dir))
+    app = Flask(__name__, instance_path=str(settings.instance_dir))
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_request_bytes,

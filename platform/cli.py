@@ -38,7 +38,11 @@ def _platform(ctx: click.Context) -> Platform:
             ctx.obj = Platform(settings.load())
         except settings.SettingsError as exc:
             _fail(str(exc), 2)
-        ctx.obj.init_control()
+        try:
+            ctx.obj.init_control()
+        except sa.exc.SQLAlchemyError as exc:
+            url = sa.make_url(ctx.obj.settings.database_url).render_as_string(hide_password=True)
+            _fail(f"cannot use the control database {url}: {type(exc.orig or exc).__name__}")
         ctx.call_on_close(ctx.obj.close)
     return ctx.obj
 
@@ -423,5 +427,8 @@ def meta_export(ctx: click.Context, slug: str, number: int | None, output: str) 
             )
     except metastore.UnknownVersion as exc:
         _fail(str(exc))
-    Path(output).write_text(json.dumps(version.bundle, ensure_ascii=False, indent=2), "utf-8")
+    try:
+        Path(output).write_text(json.dumps(version.bundle, ensure_ascii=False, indent=2), "utf-8")
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
     click.echo(f"Wrote version {version.version} to {output}.")

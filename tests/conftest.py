@@ -1,6 +1,6 @@
 """Fixtures shared by every tier: backends, a platform, tenants.
 
-Database tests run on SQLite and on a real PostgreSQL (``METACRM_TEST_PG_URL``,
+Database tests run on SQLite and on a real PostgreSQL (``TEST_PG_URL``,
 default: the local server's ``test`` database). The session creates a private
 PostgreSQL database for itself and drops it at the end, so runs never see each
 other's schemas.
@@ -20,9 +20,7 @@ from metacrm.runtime import settings as settings_module
 from metacrm.runtime import tenancy
 from metacrm.runtime.platform import Platform
 
-PG_ADMIN_URL = os.environ.get(
-    "METACRM_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
-)
+PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
 
 

@@ -15,8 +15,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import ValidationError
-
 from metacrm.metadata import fieldtypes, schemas
 from metacrm.metadata.expressions import check_bundle_expressions
 from metacrm.metadata.fieldtypes import COMMON_KEYS, ValueProblem
@@ -63,27 +61,27 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
-def _schema_problem(error: ValidationError) -> Problem:
-    """Turn a jsonschema error into a problem a person can act on."""
-    path = list(error.absolute_path)
-    if error.validator == "not" and path:
+def _schema_problem(error: schemas.SchemaError) -> Problem:
+    """Turn a schema violation into a problem a person can act on (never echoing a huge value)."""
+    path = list(error.path)
+    if error.keyword == "Not" and path:
         # The schemas refuse keys that do not apply to a field type with {"not": {}}.
         return Problem(pointer(*path), f"'{path[-1]}' does not apply here")
-    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
-        allowed = set(error.schema.get("properties", {}))
-        unexpected = sorted(str(k) for k in error.instance if k not in allowed)
-        if len(unexpected) == 1:
-            return Problem(
-                pointer(*path, unexpected[0]),
-                f"unknown key '{unexpected[0]}'",
-                _did_you_mean(unexpected[0], allowed),
-            )
+    if error.keyword == "AdditionalProperties" and len(error.unexpected) == 1:
+        key = error.unexpected[0]
+        return Problem(pointer(*path, key), f"unknown key '{_short(key)}'")
+    if error.keyword == "MaxLength":
+        return Problem(pointer(*path), f"is longer than {error.limit} characters")
+    if error.keyword == "MaxItems":
+        return Problem(pointer(*path), f"has more than {error.limit} items")
+    if error.keyword == "MaxProperties":
+        return Problem(pointer(*path), f"has more than {error.limit} keys")
     return Problem(pointer(*path), _short(error.message))
 
 
 def schema_problems(doc: Any, kind: str = "bundle") -> list[Problem]:
     """Return the JSON Schema violations of one document, sorted by position."""
-    problems = [_schema_problem(error) for error in schemas.validator(kind).iter_errors(doc)]
+    problems = [_schema_problem(error) for error in schemas.iter_errors(kind, doc)]
     return sorted(problems, key=lambda p: p.pointer)
 
 

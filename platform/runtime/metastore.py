@@ -33,6 +33,8 @@ from metacrm.runtime.migrator import (
 from metacrm.runtime.store import TenantStore, meta_version
 
 LOCK_NOT_AVAILABLE = "55P03"
+#: Version numbers are stored as 32-bit integers.
+MAX_VERSION = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ def get(connection: Connection, version: int) -> Version:
     """Return one published version; UnknownVersion when there is none."""
     if version == 0:
         return _NOTHING
+    if not 0 < version <= MAX_VERSION:
+        raise UnknownVersion(f"version {version} was never published")
     row = connection.execute(
         sa.select(meta_version).where(meta_version.c.version == version)
     ).first()
@@ -263,7 +267,7 @@ def _publish_once(
 ) -> Version:
     with _publishing(store, lock_timeout_ms) as connection:
         head = current(connection)
-        if head.version != expected_version:
+        if head.version != expected_version or not 0 <= expected_version < MAX_VERSION:
             raise VersionConflict(expected_version, head.version)
         old = Bundle.from_doc(head.bundle)
         plan = make_plan(old, new_doc, purge)

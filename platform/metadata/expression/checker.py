@@ -98,8 +98,8 @@ def _at(node: Node) -> tuple[int, int]:
 def _a(value_type: ValueType) -> str:
     if value_type is ValueType.BOOLEAN:
         return "a condition (true/false)"
-    if value_type is ValueType.NULL:
-        return "null"
+    if value_type in (ValueType.NULL, ValueType.TEXT):
+        return value_type.label
     label = value_type.label
     return f"{'an' if label[0] in 'aeiou' else 'a'} {label}"
 
@@ -135,11 +135,11 @@ class _Checker:
                     raise ExpressionError(f"'-' needs a number, not {_a(found)}", *_at(operand))
                 return found
             case Not(operand=operand):
-                self._condition(operand, "'not'")
+                self._condition(operand, "'not' needs a condition (true/false)")
                 return ValueType.BOOLEAN
             case Logical(op=op, operands=operands):
                 for operand in operands:
-                    self._condition(operand, f"'{op}'")
+                    self._condition(operand, f"'{op}' needs conditions (true/false) on both sides")
                 return ValueType.BOOLEAN
             case Arithmetic():
                 return self._arithmetic(node)
@@ -191,13 +191,10 @@ class _Checker:
             )
         return info
 
-    def _condition(self, operand: Node, what: str) -> None:
+    def _condition(self, operand: Node, need: str) -> None:
         found = self.visit(operand)
         if found not in _CONDITION:
-            raise ExpressionError(
-                f"{what} needs conditions (true/false) on both sides; this is {_a(found)}",
-                *_at(operand),
-            )
+            raise ExpressionError(f"{need}; this is {_a(found)}", *_at(operand))
 
     def _arithmetic(self, node: Arithmetic) -> ValueType:
         left = self.visit(node.left)
@@ -211,9 +208,14 @@ class _Checker:
         return arithmetic_type(node.op, left, right)
 
     def _comparable(self, op: str, left: Node, right: Node, at: Node) -> ValueType:
-        """Check that two sides can be compared with ``op`` and return their common type."""
-        left_type = self.visit(left)
-        right_type = self.visit(right)
+        """Check that two visited sides can be compared with ``op``; return their common type.
+
+        Sides are visited by the caller, once each: visiting them here would
+        visit a shared operand (of ``between`` or ``in``) again for every
+        comparison, which nested constructs would make exponential.
+        """
+        left_type = self.types[id(left)]
+        right_type = self.types[id(right)]
         for found in (left_type, right_type):
             if found is ValueType.NULL:
                 raise ExpressionError(
@@ -256,9 +258,13 @@ class _Checker:
         return None
 
     def _compare(self, node: Compare) -> None:
+        self.visit(node.left)
+        self.visit(node.right)
         self._comparable(node.op, node.left, node.right, node)
 
     def _between(self, node: Between) -> None:
+        for side in (node.operand, node.low, node.high):
+            self.visit(side)
         self._comparable("<=", node.operand, node.low, node)
         self._comparable("<=", node.operand, node.high, node)
 
@@ -280,7 +286,9 @@ class _Checker:
             return
         if not isinstance(choices, ListValue) or not choices.items:
             raise ExpressionError("'in' needs a list with at least one value", *_at(node))
+        self.visit(node.operand)
         for item in choices.items:
+            self.visit(item)
             if isinstance(item, Literal) and item.type is ValueType.NULL:
                 raise ExpressionError(
                     "a list after 'in' cannot hold null: add 'or x is null' instead",

@@ -76,7 +76,10 @@ def _codepoint_order_sqlite(element: CodepointOrder, compiler: SQLCompiler, **kw
 
 
 class ListContains(FunctionElement[bool]):
-    """Whether a JSON list holds an element equal to a text (false for a null list too)."""
+    """Whether a JSON list holds an element equal to a text; null if either is null.
+
+    Each argument appears once in the SQL, so nesting never repeats SQL text.
+    """
 
     inherit_cache = True
     type = Boolean()
@@ -85,13 +88,20 @@ class ListContains(FunctionElement[bool]):
 @compiles(ListContains)
 def _list_contains(element: ListContains, compiler: SQLCompiler, **kw: Any) -> str:
     items, value = _args(element, compiler, **kw)
-    return f"(CAST({items} AS JSONB) @> jsonb_build_array({value}))"
+    # jsonb ? text: true when the text is an element of the array; strict, so null in, null out.
+    return f"(CAST({items} AS JSONB) ? CAST({value} AS TEXT))"
 
 
 @compiles(ListContains, "sqlite")
 def _list_contains_sqlite(element: ListContains, compiler: SQLCompiler, **kw: Any) -> str:
     items, value = _args(element, compiler, **kw)
-    return f"EXISTS (SELECT 1 FROM json_each({items}) WHERE json_each.value = {value})"
+    # The one-row derived table names each argument once for the null test and the search.
+    return (
+        "(SELECT CASE WHEN mc_args.items IS NULL OR mc_args.value IS NULL THEN NULL"
+        " ELSE EXISTS (SELECT 1 FROM json_each(mc_args.items)"
+        " WHERE json_each.value = mc_args.value) END"
+        f" FROM (SELECT {items} AS items, {value} AS value) AS mc_args)"
+    )
 
 
 class UtcDate(FunctionElement[Any]):
@@ -184,8 +194,12 @@ def _add_days_to_datetime_sqlite(
     element: AddDaysToDateTime, compiler: SQLCompiler, **kw: Any
 ) -> str:
     moved, days = _args(element, compiler, **kw)
-    # Whole days never change the UTC time of day, so the time part is kept as stored.
-    return f"(date({moved}, ({days}) || ' days') || substr({moved}, 11))"
+    # Whole days never change the UTC time of day, so the stored time part is kept;
+    # the derived table names the datetime once, so nesting never repeats SQL text.
+    return (
+        "(SELECT date(mc_args.moved, mc_args.days || ' days') || substr(mc_args.moved, 11)"
+        f" FROM (SELECT {moved} AS moved, {days} AS days) AS mc_args)"
+    )
 
 
 class DecimalArithmetic(FunctionElement[Any]):

@@ -142,15 +142,8 @@ class _PyCompiler:
                 return self._arithmetic(node)
             case Compare(op=op, left=left, right=right):
                 return self._compare(op, left, right)
-            case Between(operand=operand, low=low, high=high, negated=negated):
-                above = self._compare(">=", operand, low)
-                below = self._compare("<=", operand, high)
-
-                def between(record: Record, ctx: EvalContext) -> bool | None:
-                    inside = kleene_and([above(record, ctx), below(record, ctx)])
-                    return _not(inside) if negated else inside
-
-                return between
+            case Between():
+                return self._between(node)
             case IsNull(operand=operand, negated=negated):
                 inner = self.build(operand)
                 return lambda record, ctx: (inner(record, ctx) is None) is not negated
@@ -192,15 +185,29 @@ class _PyCompiler:
         compare = _COMPARISONS[op]
 
         def evaluate(record: Record, ctx: EvalContext) -> bool | None:
-            first = left_value(record, ctx)
-            if first is None:
-                return None
-            second = right_value(record, ctx)
-            if second is None:
-                return None
-            return compare(first, second)
+            return _compared(compare, left_value(record, ctx), right_value(record, ctx))
 
         return evaluate
+
+    def _between(self, node: Between) -> Evaluator:
+        common = self._common(node.operand, node.low, node.high)
+        # Each side is built once; the operand's value is shared by both comparisons.
+        operand = self.coerced(node.operand, common)
+        low = self.coerced(node.low, common)
+        high = self.coerced(node.high, common)
+        negated = node.negated
+
+        def between(record: Record, ctx: EvalContext) -> bool | None:
+            value = operand(record, ctx)
+            inside = kleene_and(
+                [
+                    _compared(operator.ge, value, low(record, ctx)),
+                    _compared(operator.le, value, high(record, ctx)),
+                ]
+            )
+            return _not(inside) if negated else inside
+
+        return between
 
     def _arithmetic(self, node: Arithmetic) -> Evaluator:
         left = self.build(node.left)
@@ -274,6 +281,8 @@ class _PyCompiler:
         return evaluate
 
     def _call(self, node: Call) -> Evaluator:
+        if node.name in ("coalesce", "if"):
+            return self._choice(node)
         args = [self.build(arg) for arg in node.args]
         match node.name:
             case "today":
@@ -311,18 +320,6 @@ class _PyCompiler:
             case "len":
                 (text,) = args
                 return lambda record, ctx: _maybe(len, text(record, ctx))
-            case "coalesce":
-                common = self.type_of(node)
-                values = [self.coerced(arg, common) for arg in node.args]
-
-                def coalesce(record: Record, ctx: EvalContext) -> Any:
-                    for value in values:
-                        found = value(record, ctx)
-                        if found is not None:
-                            return found
-                    return None
-
-                return coalesce
             case "round":
                 number = args[0]
                 if self.type_of(node.args[0]) is ValueType.INTEGER:
@@ -331,15 +328,35 @@ class _PyCompiler:
                 return lambda record, ctx: _maybe(
                     lambda value: arithmetic.round_half_up(value, digits), number(record, ctx)
                 )
-            case "if":
-                common = self.type_of(node)
-                condition = args[0]
-                then = self.coerced(node.args[1], common)
-                otherwise = self.coerced(node.args[2], common)
-                return lambda record, ctx: (
-                    then(record, ctx) if condition(record, ctx) is True else otherwise(record, ctx)
-                )
         raise TypeError(f"cannot compile {node.name}() to Python")
+
+    def _choice(self, node: Call) -> Evaluator:
+        """Build ``coalesce`` and ``if``, whose values are widened to the call's type."""
+        common = self.type_of(node)
+        if node.name == "coalesce":
+            values = [self.coerced(arg, common) for arg in node.args]
+
+            def coalesce(record: Record, ctx: EvalContext) -> Any:
+                for value in values:
+                    found = value(record, ctx)
+                    if found is not None:
+                        return found
+                return None
+
+            return coalesce
+        condition = self.build(node.args[0])
+        then = self.coerced(node.args[1], common)
+        otherwise = self.coerced(node.args[2], common)
+
+        def if_(record: Record, ctx: EvalContext) -> Any:
+            chosen = then if condition(record, ctx) is True else otherwise
+            return chosen(record, ctx)
+
+        return if_
+
+
+def _compared(compare: Callable[[Any, Any], bool], left: Any, right: Any) -> bool | None:
+    return None if left is None or right is None else compare(left, right)
 
 
 def _maybe(function: Callable[[Any], Any], value: Any) -> Any:

@@ -131,9 +131,8 @@ class _SqlCompiler:
                 return self._arithmetic(node)
             case Compare(op=op, left=left, right=right):
                 return self._compare(op, left, right)
-            case Between(operand=operand, low=low, high=high, negated=negated):
-                inside = and_(self._compare(">=", operand, low), self._compare("<=", operand, high))
-                return not_(inside) if negated else inside
+            case Between():
+                return self._between(node)
             case IsNull(operand=operand, negated=negated):
                 compiled = self.expr(operand)
                 return compiled.is_not(None) if negated else compiled.is_(None)
@@ -168,6 +167,15 @@ class _SqlCompiler:
             left_sql = CodepointOrder(left_sql)
         return _COMPARISONS[op](left_sql, right_sql)
 
+    def _between(self, node: Between) -> ColumnElement[Any]:
+        # BETWEEN names the operand once, so nesting never repeats SQL text.
+        common = self._common(node.operand, node.low, node.high)
+        operand = self.coerced(node.operand, common)
+        if common is ValueType.TEXT:
+            operand = CodepointOrder(operand)
+        inside = operand.between(self.coerced(node.low, common), self.coerced(node.high, common))
+        return not_(inside) if node.negated else inside
+
     def _arithmetic(self, node: Arithmetic) -> ColumnElement[Any]:
         if ValueType.NULL in (self.type_of(node.left), self.type_of(node.right)):
             return self._typed_null(node)
@@ -193,32 +201,22 @@ class _SqlCompiler:
             common = self._common(node.operand, *items)
             operand = self.coerced(node.operand, common)
             values = [self.coerced(item, common) for item in items]
-            if all(isinstance(item, Literal) for item in items):
-                found = operand.in_(values)
-            else:
-                # x IN (a, b) is x = a OR x = b, nulls included; spelling it out keeps
-                # a lone lookup from reading as IN (subquery), which is false when empty.
-                found = or_(*(operand == value for value in values))
+            # A lone lookup in IN (...) would read as IN (subquery), which is false,
+            # not null, when the lookup is empty; x = a means the same and cannot.
+            found = operand == values[0] if len(values) == 1 else operand.in_(values)
         return not_(found) if node.negated else found
 
     def _match(self, node: Match) -> ColumnElement[Any]:
         left = self.expr(node.left)
-        right = self.expr(node.right)
         if self.type_of(node.left) is ValueType.LIST:
-            return type_coerce(
-                case(
-                    (or_(left.is_(None), right.is_(None)), null()),
-                    else_=ListContains(left, right),
-                ),
-                Boolean(),
-            )
+            return ListContains(left, self.expr(node.right))
         folded = FoldLower(left)
         if node.op == "like":
             pattern = sql_like(like_tokens(node.right.value))  # type: ignore[attr-defined]
             return folded.like(
                 FoldLower(literal(pattern, sql_type(ValueType.TEXT))), escape=SQL_ESCAPE
             )
-        needle = _escaped(FoldLower(right))
+        needle = _escaped(FoldLower(self.expr(node.right)))
         if node.op == "contains":
             needle = literal("%", sql_type(ValueType.TEXT)).concat(needle)
         return folded.like(needle.concat("%"), escape=SQL_ESCAPE)
@@ -261,14 +259,26 @@ class _SqlCompiler:
                 digits = args[1].value if len(args) == 2 else 0  # type: ignore[attr-defined]
                 return DecimalRound(value, literal(digits, Integer()))
             case "if":
-                common = self.type_of(node)
-                if self.type_of(args[0]) is ValueType.NULL:
-                    return self.coerced(args[2], common)
-                return case(
-                    (self.expr(args[0]), self.coerced(args[1], common)),
-                    else_=self.coerced(args[2], common),
-                )
+                return self._if_chain(node)
         raise TypeError(f"cannot compile {node.name}() to SQL")
+
+    def _if_chain(self, node: Call) -> ColumnElement[Any]:
+        """Compile ``if(a, x, if(b, y, z))`` as one CASE with a WHEN per condition.
+
+        A null condition falls through to the else branch in both spellings;
+        the flat one keeps long chains within SQLite's parser stack, which
+        overflows at about 18 nested CASE expressions.
+        """
+        common = self.type_of(node)
+        whens: list[tuple[ColumnElement[Any], ColumnElement[Any]]] = []
+        current: Node = node
+        while isinstance(current, Call) and current.name == "if":
+            condition, then, otherwise = current.args
+            if self.type_of(condition) is not ValueType.NULL:
+                whens.append((self.expr(condition), self.coerced(then, common)))
+            current = otherwise
+        fallback = self.coerced(current, common)
+        return case(*whens, else_=fallback) if whens else fallback
 
     def _typed_null(self, node: Node) -> ColumnElement[Any]:
         """A null of the node's type: SQLAlchemy would turn ``x = NULL`` into ``x IS NULL``."""

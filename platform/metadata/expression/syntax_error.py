@@ -110,6 +110,8 @@ def _bad_token(parser: Lark, text: str, exc: UnexpectedToken) -> ExpressionError
         found = _describe(token)
         previous = _previous_token(parser, text, token.start_pos or 0)
     after = f" after '{previous.value}'" if previous is not None else ""
+    if not expected:
+        return ExpressionError(f"unexpected {found}", line, column)
 
     if expected <= {"LPAR", "NAME"} and previous is not None and previous.type == "IN":
         return ExpressionError(

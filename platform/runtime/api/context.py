@@ -56,16 +56,17 @@ def resolve(slug: str) -> RequestContext:
         )
     p = platform()
     with Session(p.control_engine, expire_on_commit=False) as session, session.begin():
-        tenant = p.tenant(session, slug) if len(slug) <= 63 else None
-        principal = authenticate(session, tenant, presented) if tenant is not None else None
-    if tenant is None or principal is None:
-        if tenant is not None:
-            abort(
-                401,
-                "unauthorized",
-                "Authentication required",
-                "the API token is not valid for this tenant, or it expired or was revoked",
-            )
+        principal = authenticate(session, presented)
+        tenant = p.tenant(session, slug) if principal is not None and len(slug) <= 63 else None
+    if principal is None:
+        abort(
+            401,
+            "unauthorized",
+            "Authentication required",
+            "the API token is unknown, expired or revoked",
+        )
+    if tenant is None or tenant.id != principal.token.tenant_id:
+        # A valid token on another tenant's path looks exactly like an unknown tenant.
         abort(404, "not_found", "Not Found", "there is no such tenant")
     context = RequestContext(tenant, p.store(tenant), principal)
     g.metacrm_context = context

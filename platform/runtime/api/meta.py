@@ -6,6 +6,7 @@ them has a privileged path around it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -40,6 +41,23 @@ def _context(tenant: str, manage: bool = False) -> RequestContext:
                 "changing metadata needs a role with the manage_metadata capability",
             )
     return context
+
+
+def _keep_own_access(context: RequestContext, bundle: dict[str, Any]) -> None:
+    """Refuse a bundle under which the publisher could no longer manage metadata.
+
+    Without this, one publish could lock every admin out of the metadata API.
+    """
+    if "manage_metadata" not in capabilities(bundle, context.principal.membership.roles):
+        abort(
+            422,
+            "would_lock_out",
+            "The change would lock you out",
+            "under this bundle none of your roles ("
+            + ", ".join(context.principal.membership.roles)
+            + ") has the manage_metadata capability; keep it in one of them",
+            errors=[{"pointer": "/bundle/roles", "message": "keep manage_metadata for a role"}],
+        )
 
 
 def _actor(context: RequestContext) -> Actor:
@@ -199,6 +217,7 @@ def publish(tenant: str) -> tuple[Response, int, dict[str, str]]:
     comment = _field(body, "comment", str, "")[:1000]
     confirm = _field(body, "confirm_destructive", bool, False)
     purge = _purge(body)
+    _keep_own_access(context, bundle)
     version = _publish_errors(
         lambda: metastore.publish(
             context.store,
@@ -224,6 +243,14 @@ def rollback(tenant: str) -> tuple[Response, int]:
     expected = _field(body, "expected_version", int)
     comment = _field(body, "comment", str, "")[:1000]
     confirm = _field(body, "confirm_destructive", bool, False)
+    try:
+        if to_version <= 0:
+            raise metastore.UnknownVersion(f"version {to_version} was never published")
+        with context.store.connect() as connection:
+            target = metastore.get(connection, to_version)
+    except metastore.UnknownVersion as exc:
+        abort(404, "not_found", "Not Found", str(exc))
+    _keep_own_access(context, target.bundle)
     version = _publish_errors(
         lambda: metastore.rollback(
             context.store,
@@ -265,7 +292,7 @@ def diff(tenant: str) -> Response:
     numbers = []
     for name in ("from", "to"):
         raw = request.args.get(name, "")
-        if not raw.isdigit() or len(raw) > 9:
+        if not re.fullmatch(r"[0-9]{1,9}", raw):
             abort(
                 400,
                 "bad_request",

@@ -79,6 +79,13 @@ def read_json(max_bytes: int | None = None) -> Any:
             f"the body must be application/json, not {request.mimetype or 'nothing'}",
         )
     data = request.get_data(cache=True)
+    if max_bytes is not None and len(data) > max_bytes:
+        abort(
+            413,
+            "payload_too_large",
+            "Payload Too Large",
+            f"the body is {len(data)} bytes; this endpoint accepts at most {max_bytes}",
+        )
     try:
         return jsondoc.loads(data, max_bytes=max_bytes or len(data) + 1)
     except jsondoc.DocumentError as exc:
@@ -91,7 +98,11 @@ def _http_error(error: HTTPException) -> Response:
     detail = error.description
     if status == 413:
         detail = "the request body is larger than this server accepts"
-    return ProblemError(status, code, error.name, detail).response()
+    response = ProblemError(status, code, error.name, detail).response()
+    for name, value in error.get_headers():
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    return response
 
 
 def _internal_error(error: Exception) -> Response:

@@ -19,6 +19,12 @@ from metacrm.runtime.settings import Settings, SettingsError
 SECRET = "0123456789abcdef-secret"
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in tmp_path, so a relative default instance folder never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def load(
     tmp_path: Path, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
 ) -> Settings:
@@ -311,16 +317,14 @@ def test_explicit_secret_key_does_not_write_a_development_secret(tmp_path):
 # -- paths ----------------------------------------------------------------------------------
 
 
-def test_relative_instance_dir_is_resolved_against_current_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_relative_instance_dir_is_resolved_against_current_directory(tmp_path):
     s = settings_module.load({"instance_dir": "relative/inst"}, environ={})
     assert s.instance_dir.is_absolute()
     assert s.instance_dir == (tmp_path / "relative" / "inst").resolve()
     assert s.database_url == f"sqlite:///{s.instance_dir / 'control.db'}"
 
 
-def test_default_instance_dir_is_instance_in_current_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_default_instance_dir_is_instance_in_current_directory(tmp_path):
     s = settings_module.load(environ={})
     assert s.instance_dir == (tmp_path / "instance").resolve()
 

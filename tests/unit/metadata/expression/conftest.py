@@ -14,7 +14,7 @@ from metacrm.metadata.expression import register_sqlite_functions
 
 from .model import build_tables
 
-PG_URL = os.environ.get("METACRM_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+PG_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def sqlite_db() -> Iterator[Database]:
 
 @pytest.fixture(scope="session")
 def postgres_db() -> Iterator[Database]:
-    """PostgreSQL (METACRM_TEST_PG_URL, else the local test server) in a throw-away schema."""
+    """PostgreSQL (TEST_PG_URL, else the local test server) in a throw-away schema."""
     yield from _postgresql()
 
 

@@ -7,7 +7,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metacrm.metadata.expression import EvalContext, ValueType, check, parse, unparse
+from metacrm.metadata.expression import (
+    EvalContext,
+    ExpressionError,
+    ValueType,
+    check,
+    parse,
+    unparse,
+)
 from metacrm.metadata.expression.nodes import Node
 
 from .conftest import Database
@@ -16,7 +23,7 @@ from .model import DEAL
 from .strategies import contexts, customers, rows, syntax_trees, typed_expressions
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(syntax_trees())
 def test_unparse_then_parse_gives_the_same_tree(tree: Node) -> None:
     assert parse(unparse(tree)) == tree
@@ -61,12 +68,23 @@ def test_sql_and_python_agree_on_every_row(
         assert outcome.matched == {row["id"] for row in deals if python[row["id"]] is True}, text
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.text(max_size=40))
-def test_parse_raises_only_expression_errors(text: str) -> None:
-    from metacrm.metadata.expression import ExpressionError
+_TOKENS = ["(", ")", ",", ".", '"', "'", "\\", "=", "<", ">", "!", "+", "-", "*", "/", " "]
+_WORDS = ["and", "or", "not", "in", "is", "null", "between", "like", "x", "if", "date", "1", "2.5"]
 
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.lists(st.sampled_from(_TOKENS + _WORDS), max_size=20).map(" ".join),
+        st.lists(st.sampled_from(_TOKENS + _WORDS), max_size=30).map("".join),
+    )
+)
+def test_parse_gives_a_tree_or_an_expression_error_and_nothing_else(text: str) -> None:
     try:
-        parse(text)
-    except ExpressionError:
-        pass
+        tree = parse(text)
+    except ExpressionError as error:
+        assert error.line >= 1 and error.column >= 1
+        assert error.message
+    else:
+        assert parse(unparse(tree)) == tree
