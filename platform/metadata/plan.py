@@ -95,6 +95,8 @@ class _Planner:
         self.purge = purge
         self.ops: dict[str, list[Operation]] = {k: [] for k in _ORDER}
         self.problems: list[Problem] = []
+        #: Whether archived items were carried forward into the stored bundle.
+        self.carried = False
 
     def add(self, op: Operation) -> None:
         self.ops[op.kind].append(op)
@@ -142,6 +144,7 @@ class _Planner:
                     )
                 )
             self.new["entities"].append(archived)
+            self.carried = True
         live = {e["name"]: e for e in self.new["entities"] if not e.get("archived")}
         for entry in self.purge:
             entity, _, field_name = entry.partition(".")
@@ -250,6 +253,7 @@ class _Planner:
                     )
                 )
             edoc["fields"].append(archived)
+            self.carried = True
         old_order = [f for f in old.fields if f in new_fields]
         new_order = [f for f in new_fields if f in old.fields]
         if old_order != new_order:
@@ -582,6 +586,7 @@ def make_plan(old: Bundle, new_doc: Any, purge: Iterable[str] = ()) -> Plan:
     require_valid(new_doc)
     planner = _Planner(old, copy.deepcopy(dict(new_doc)), set(purge))
     plan = planner.run()
-    # The stored bundle (with archived items carried forward) must itself be valid.
-    require_valid(plan.result)
+    if planner.carried:
+        # The stored bundle (with archived items carried forward) must itself be valid.
+        require_valid(plan.result)
     return plan

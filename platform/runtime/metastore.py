@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -221,12 +221,15 @@ def publish(
     action: str = "publish",
     lock_timeout_ms: int = 2000,
     attempts: int = 5,
+    prepare: Callable[[Connection], None] | None = None,
 ) -> Version:
     """Apply a new bundle as the next version, or raise and change nothing.
 
     On PostgreSQL the DDL waits at most ``lock_timeout_ms`` for busy tables and
     the whole transaction is retried, so a migration never queues behind a long
-    query while blocking every request that arrives after it.
+    query while blocking every request that arrives after it. ``prepare`` runs
+    first inside the same transaction (tenant creation makes the namespace there,
+    so a failed first publish leaves no schema behind on PostgreSQL).
     """
     purge = list(purge)
     for attempt in range(attempts):
@@ -241,6 +244,7 @@ def publish(
                 purge,
                 action,
                 lock_timeout_ms,
+                prepare,
             )
         except DBAPIError as exc:
             code = getattr(exc.orig, "sqlstate", None)
@@ -264,8 +268,11 @@ def _publish_once(
     purge: list[str],
     action: str,
     lock_timeout_ms: int,
+    prepare: Callable[[Connection], None] | None,
 ) -> Version:
     with _publishing(store, lock_timeout_ms) as connection:
+        if prepare is not None:
+            prepare(connection)
         head = current(connection)
         if head.version != expected_version or not 0 <= expected_version < MAX_VERSION:
             raise VersionConflict(expected_version, head.version)

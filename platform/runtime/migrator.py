@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.conversions import conversion
@@ -208,13 +209,43 @@ class _Applier:
                     for f in self.new.entities[name].fields.values()
                     if f.type == "many_to_many"
                 )
-            self.new_md.create_all(self.conn, tables=tables)
+            self.create_tables(tables)
         for op in self.plan.operations:
             handler = getattr(self, f"do_{op.kind}", None)
             if handler is not None:
                 handler(op)
         for table_name, conversions in self.rebuild.items():
             self.rebuild_sqlite_table(table_name, conversions)
+
+    def create_tables(self, tables: list[sa.Table]) -> None:
+        """Create new tables with their indexes, in foreign-key order.
+
+        On PostgreSQL the statements go as one batch: a tenant's first publish
+        creates dozens of tables and indexes, and one round trip instead of one
+        per statement is most of what separates it from hand-written DDL.
+        """
+        if self.sqlite:
+            self.new_md.create_all(self.conn, tables=tables, checkfirst=False)
+            return
+        wanted = set(tables)
+        statements = []
+        for table in self.new_md.sorted_tables:
+            if table not in wanted:
+                continue
+            statements.append(CreateTable(table))
+            statements.extend(CreateIndex(index) for index in table.indexes)
+        translate = {None: self.schema}
+        script = ";\n".join(
+            str(
+                s.compile(
+                    dialect=self.conn.dialect,
+                    schema_translate_map=translate,
+                    render_schema_translate=True,
+                )
+            ).strip()
+            for s in statements
+        )
+        self.conn.exec_driver_sql(script)
 
     # -- adding ---------------------------------------------------------------------------
 

@@ -72,4 +72,4 @@ class TenantStore:
 
     def create_platform_tables(self, connection: Connection) -> None:
         """Create the platform's own tables in this namespace."""
-        PLATFORM.create_all(connection)
+        PLATFORM.create_all(connection, checkfirst=False)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from metacrm.metadata.identifiers import identifier_problem
@@ -28,6 +30,10 @@ from metacrm.runtime.platform import Platform
 from metacrm.runtime.store import TenantStore
 
 MAX_SLUG = 40
+_EXISTING_LOGIN = (
+    "{email} already has a login; leave the password out to add them to this tenant "
+    "with the password they have"
+)
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,188}\.[^@\s]{1,63}", re.ASCII)
 
 
@@ -83,23 +89,25 @@ def _placement(platform: Platform, slug: str) -> tuple[str, str | None]:
     return url, f"{settings.tenant_schema_prefix}{slug}"
 
 
-def _create_namespace(platform: Platform, store: TenantStore) -> None:
+def _namespace_maker(platform: Platform, store: TenantStore) -> Callable[[Connection], None]:
+    """Return the step that makes a tenant's namespace inside the first publish."""
     if store.schema is None:
         platform.settings.tenants_dir.mkdir(parents=True, exist_ok=True)
         path = store.engine.url.database
         if path and Path(path).exists():
             raise TenantError(f"a database file for '{store.slug}' already exists at {path}")
-    else:
-        with store.engine.begin() as connection:
+
+    def make(connection: Connection) -> None:
+        if store.schema is not None:
             exists = connection.execute(
-                sa.text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :s"),
-                {"s": store.schema},
+                sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": store.schema}
             ).first()
             if exists:
                 raise TenantError(f"the schema {store.schema} already exists")
             connection.exec_driver_sql(f'CREATE SCHEMA "{store.schema}"')
-    with store.begin() as connection:
         store.create_platform_tables(connection)
+
+    return make
 
 
 def _drop_namespace(platform: Platform, store: TenantStore) -> None:
@@ -136,8 +144,13 @@ def create_tenant(
     with platform.session() as session:
         if platform.tenant(session, slug) is not None:
             raise TenantError(f"tenant '{slug}' already exists")
+        if admin_email is not None and admin_password is not None:
+            existing = session.scalar(sa.select(User).where(User.email == admin_email.lower()))
+            if existing is not None:
+                raise TenantError(_EXISTING_LOGIN.format(email=admin_email.lower()))
     store = TenantStore(slug, platform.engines.get(url), schema)
-    _create_namespace(platform, store)
+    make_namespace = _namespace_maker(platform, store)
+    published = False
     try:
         metastore.publish(
             store,
@@ -145,7 +158,9 @@ def create_tenant(
             expected_version=0,
             action="create",
             comment=f"created from template {template}",
+            prepare=make_namespace,
         )
+        published = True
         with platform.session() as session:
             tenant = Tenant(
                 slug=slug, name=name.strip(), database_url=url, schema=schema, template=template
@@ -157,7 +172,10 @@ def create_tenant(
                 admin, generated = _ensure_user(session, admin_email, admin_password)
                 session.add(Membership(tenant_id=tenant.id, user_id=admin.id, roles=["admin"]))
     except BaseException:
-        _drop_namespace(platform, store)
+        # On PostgreSQL a failed first publish rolled the schema back with it (and a
+        # schema that existed before is not ours); a SQLite file was made on connect.
+        if published or store.schema is None:
+            _drop_namespace(platform, store)
         raise
     return CreatedTenant(tenant, admin, generated)
 
@@ -167,10 +185,7 @@ def _ensure_user(session: Session, email: str, password: str | None) -> tuple[Us
     user = session.scalar(sa.select(User).where(User.email == email))
     if user is not None:
         if password is not None:
-            raise TenantError(
-                f"{email} already has a login; leave the password out to add "
-                "them to this tenant with the password they have"
-            )
+            raise TenantError(_EXISTING_LOGIN.format(email=email))
         return user, None
     generated = None
     if password is None:

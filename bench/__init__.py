@@ -1,0 +1,1 @@
+"""Benchmarks of metacrm against hand-written baselines measured in the same run (BENCHMARKS.md)."""
