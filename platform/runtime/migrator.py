@@ -412,11 +412,13 @@ class _Applier:
             for field_name, op in conversions.items()
         }
         current = {row[1] for row in self.conn.exec_driver_sql(f'PRAGMA table_info("{name}")')}
-        temp_md = sa.MetaData()
-        temp = target.to_metadata(temp_md, name=f"_rebuild_{name}")
+        # The copy lives beside the real tables so its foreign keys resolve; its
+        # indexes are made after the rename, under their real names.
+        temp = target.to_metadata(self.new_md, name=f"_rebuild_{name}")
         for index in list(temp.indexes):
             temp.indexes.discard(index)
         temp.create(self.conn)
+        self.new_md.remove(temp)
         shared = [c.name for c in target.columns if c.name in current]
         columns = ", ".join(f'"{c}"' for c in shared)
         self.conn.exec_driver_sql(

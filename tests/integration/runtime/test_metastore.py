@@ -403,3 +403,102 @@ def test_core_template_tables(store):
     with store.connect() as connection:
         fks = sa.inspect(connection).get_foreign_keys("contact", schema=store.schema)
     assert any(fk["referred_table"] == "customer" for fk in fks)
+
+
+def test_on_delete_change_is_enforced(blank_store, minimal_bundle):
+    minimal_bundle["entities"].append(
+        {
+            "name": "note",
+            "label": {"en": "Note"},
+            "plural_label": {"en": "Notes"},
+            "title_field": "body",
+            "fields": [
+                {"name": "body", "type": "text", "label": {"en": "Body"}},
+                {
+                    "name": "lead",
+                    "type": "lookup",
+                    "target": "lead",
+                    "label": {"en": "Lead"},
+                    "on_delete": "restrict",
+                },
+            ],
+        }
+    )
+    publish(blank_store, minimal_bundle)
+    (lead_id,) = insert(blank_store, "lead", {"name": "Acme"})
+    insert(blank_store, "note", {"body": "hello", "lead": lead_id})
+    with pytest.raises(sa.exc.IntegrityError), blank_store.begin() as connection:
+        connection.execute(sa.text("DELETE FROM " + _q(blank_store, "lead")))
+    minimal_bundle["entities"][1]["fields"][1]["on_delete"] = "set_null"
+    result = publish(blank_store, minimal_bundle)
+    assert [op["kind"] for op in result.operations] == ["change_on_delete"]
+    with blank_store.begin() as connection:
+        connection.execute(sa.text("DELETE FROM " + _q(blank_store, "lead")))
+    assert rows(blank_store, "note", "body", "lead") == [("hello", None)]
+
+
+def test_many_to_many_added_to_existing_entity(blank_store, minimal_bundle):
+    a, b = insert(blank_store, "lead", {"name": "A"}, {"name": "B"})
+    lead(minimal_bundle)["fields"].append(
+        {"name": "partners", "type": "many_to_many", "target": "lead", "label": {"en": "Partners"}}
+    )
+    result = publish(blank_store, minimal_bundle)
+    assert [op["kind"] for op in result.operations] == ["add_relation"]
+    with blank_store.begin() as connection:
+        connection.execute(
+            sa.text(
+                f"INSERT INTO {_q(blank_store, 'lead__partners')} (source_id, target_id, "
+                "created_at) VALUES (:a, :b, :t)"
+            ),
+            {"a": _key(blank_store, a), "b": _key(blank_store, b), "t": "2024-01-01 00:00:00"},
+        )
+        count = connection.execute(
+            sa.text(f"SELECT count(*) FROM {_q(blank_store, 'lead__partners')}")
+        ).scalar_one()
+    assert count == 1
+
+
+def _key(store: TenantStore, value: Any) -> Any:
+    return value.hex if store.schema is None else value
+
+
+def test_archived_entity_keeps_its_table_restores_and_purges(blank_store, minimal_bundle):
+    minimal_bundle["entities"].append(
+        {
+            "name": "memo",
+            "label": {"en": "Memo"},
+            "plural_label": {"en": "Memos"},
+            "title_field": "title",
+            "fields": [{"name": "title", "type": "text", "label": {"en": "Title"}}],
+        }
+    )
+    publish(blank_store, minimal_bundle)
+    insert(blank_store, "memo", {"title": "keep me"})
+    with_memo = copy.deepcopy(minimal_bundle)
+    minimal_bundle["entities"].pop()
+    assert [op["kind"] for op in publish(blank_store, minimal_bundle).operations] == [
+        "archive_entity"
+    ]
+    assert rows(blank_store, "memo", "title") == [("keep me",)]
+    assert [op["kind"] for op in publish(blank_store, with_memo).operations] == ["restore_entity"]
+    publish(blank_store, minimal_bundle)
+    refused(blank_store, minimal_bundle, metastore.ConfirmationRequired, purge=["memo"])
+    publish(blank_store, minimal_bundle, purge=["memo"], confirm_destructive=True)
+    assert "memo" not in _tables(blank_store)
+
+
+def test_unique_composite_index_refused_on_duplicates(blank_store, minimal_bundle):
+    insert(blank_store, "lead", {"name": "A", "city": "X"}, {"name": "A", "city": "X"})
+    lead(minimal_bundle)["indexes"] = [
+        {"name": "name_city", "fields": ["name", "city"], "unique": True}
+    ]
+    error = refused(blank_store, minimal_bundle, DataCheckFailed)
+    assert error.failures[0].count == 1
+    assert len(error.failures[0].sample_ids) == 2
+
+
+def test_publishing_the_same_bundle_changes_nothing(blank_store, minimal_bundle):
+    before = version(blank_store)
+    result = publish(blank_store, minimal_bundle)
+    assert result.version == before
+    assert version(blank_store) == before
