@@ -164,7 +164,7 @@ class _SemanticChecker:
             self.names[kind] = {
                 d[key] for d in documents if isinstance(d, Mapping) and isinstance(d.get(key), str)
             }
-            clean = []
+            clean: list[Mapping[str, Any]] = []
             self.positions[kind] = []
             for i, d in enumerate(documents):
                 if f"{kind}/{i}" in broken or not isinstance(d, Mapping):
@@ -173,7 +173,7 @@ class _SemanticChecker:
                     bad = broken_fields[str(i)]
                     fields = d.get("fields", [])
                     self.skipped_fields[d["name"]] = {
-                        f.get("name")
+                        str(f.get("name"))
                         for j, f in enumerate(fields)
                         if j in bad and isinstance(f, Mapping)
                     }

@@ -139,7 +139,7 @@ def _single_text_argument(name: Token, args: list[Node], example: str) -> str:
         raise ExpressionError(
             f"{name.value.lower()}() takes one value written as text, like {example}", **at(name)
         )
-    return args[0].value  # type: ignore[return-value]
+    return args[0].value
 
 
 class Builder(Transformer[Token, Node]):

@@ -249,7 +249,7 @@ class _Checker:
         for node, found, other in ((left, left_type, right_type), (right, right_type, left_type)):
             if other is ValueType.UUID and isinstance(node, Literal) and found is ValueType.TEXT:
                 try:
-                    uuid.UUID(node.value)  # type: ignore[arg-type]
+                    uuid.UUID(node.value)
                 except ValueError:
                     raise ExpressionError(
                         f'"{node.value}" is not a valid record id', *_at(node)
@@ -322,7 +322,7 @@ class _Checker:
                     *_at(node.right),
                 )
             try:
-                like_tokens(node.right.value)  # type: ignore[arg-type]
+                like_tokens(node.right.value)
             except ValueError as exc:
                 raise ExpressionError(str(exc), *_at(node.right)) from None
 
@@ -400,7 +400,7 @@ class _Checker:
             if not (
                 isinstance(digits, Literal)
                 and digits.type is ValueType.INTEGER
-                and 0 <= digits.value <= MAX_ROUND_DIGITS  # type: ignore[operator]
+                and 0 <= digits.value <= MAX_ROUND_DIGITS
             ):
                 raise ExpressionError(
                     f"round() takes the number of decimal places as a whole number "

@@ -58,7 +58,6 @@ def escape_like(text: str) -> str:
 def regex(tokens: list[PatternToken]) -> re.Pattern[str]:
     """Compile tokens to a regular expression that must match a whole string."""
     parts = [
-        ".*" if token is ANY else "." if token is ONE else re.escape(token)  # type: ignore[arg-type]
-        for token in tokens
+        ".*" if token is ANY else "." if token is ONE else re.escape(str(token)) for token in tokens
     ]
     return re.compile("".join(parts), re.DOTALL)

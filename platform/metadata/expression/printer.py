@@ -109,7 +109,7 @@ def _literal(node: Literal) -> str:
     value = node.value
     match node.type:
         case ValueType.TEXT:
-            return f'"{"".join(_escape(char) for char in value)}"'  # type: ignore[union-attr]
+            return f'"{"".join(_escape(char) for char in value)}"'
         case ValueType.INTEGER:
             return str(value)
         case ValueType.DECIMAL:
@@ -118,9 +118,9 @@ def _literal(node: Literal) -> str:
         case ValueType.BOOLEAN:
             return "true" if value else "false"
         case ValueType.DATE:
-            return f'date("{value.isoformat()}")'  # type: ignore[union-attr]
+            return f'date("{value.isoformat()}")'
         case ValueType.DATETIME:
-            stamp = value.astimezone(dt.UTC).isoformat()  # type: ignore[union-attr]
+            stamp = value.astimezone(dt.UTC).isoformat()
             return f'datetime("{stamp.removesuffix("+00:00")}Z")'
     return "null"
 

@@ -169,7 +169,7 @@ class _PyCompiler:
             inner = self.build(node)
             return lambda record, ctx: _maybe(decimal.Decimal, inner(record, ctx))
         if found is ValueType.TEXT and target is ValueType.UUID and isinstance(node, Literal):
-            return _constant(uuid.UUID(node.value))  # type: ignore[arg-type]
+            return _constant(uuid.UUID(node.value))
         return self.build(node)
 
     def _common(self, *nodes: Node) -> ValueType:
@@ -265,7 +265,7 @@ class _PyCompiler:
         if self.type_of(node.left) is ValueType.LIST:
             test = _has_element
         elif node.op == "like":
-            test = _like(node.right.value)  # type: ignore[attr-defined]
+            test = _like(node.right.value)
         elif node.op == "contains":
             test = _contains
         else:
@@ -324,7 +324,7 @@ class _PyCompiler:
                 number = args[0]
                 if self.type_of(node.args[0]) is ValueType.INTEGER:
                     return number
-                digits = node.args[1].value if len(node.args) == 2 else 0  # type: ignore[attr-defined]
+                digits = node.args[1].value if len(node.args) == 2 else 0
                 return lambda record, ctx: _maybe(
                     lambda value: arithmetic.round_half_up(value, digits), number(record, ctx)
                 )

@@ -150,7 +150,7 @@ class _SqlCompiler:
         if found is ValueType.DATE and target is ValueType.DATETIME:
             return DateAsDateTime(self.expr(node))
         if found is ValueType.TEXT and target is ValueType.UUID and isinstance(node, Literal):
-            return literal(uuid.UUID(node.value), sql_type(ValueType.UUID))  # type: ignore[arg-type]
+            return literal(uuid.UUID(node.value), sql_type(ValueType.UUID))
         return self.expr(node)
 
     def _common(self, *nodes: Node) -> ValueType:
@@ -212,7 +212,7 @@ class _SqlCompiler:
             return ListContains(left, self.expr(node.right))
         folded = FoldLower(left)
         if node.op == "like":
-            pattern = sql_like(like_tokens(node.right.value))  # type: ignore[attr-defined]
+            pattern = sql_like(like_tokens(node.right.value))
             return folded.like(
                 FoldLower(literal(pattern, sql_type(ValueType.TEXT))), escape=SQL_ESCAPE
             )
@@ -256,7 +256,7 @@ class _SqlCompiler:
                 value = self.expr(args[0])
                 if self.type_of(args[0]) is ValueType.INTEGER:
                     return value
-                digits = args[1].value if len(args) == 2 else 0  # type: ignore[attr-defined]
+                digits = args[1].value if len(args) == 2 else 0
                 return DecimalRound(value, literal(digits, Integer()))
             case "if":
                 return self._if_chain(node)
