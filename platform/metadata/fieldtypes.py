@@ -312,85 +312,76 @@ def constraint_name(prefix: str, table: str, *parts: str) -> str:
     return f"{name[:52]}_{digest}"
 
 
-for _ft in (
-    FieldType(
-        "text",
+def _string_type(name: str, coerce: Callable[[FieldDef, Any], Any], **extra: Any) -> FieldType:
+    """A type stored as VARCHAR(max_length): text, email, phone, url."""
+    keys = extra.pop("keys", _TEXT_KEYS)
+    return FieldType(
+        name,
         "TEXT",
-        frozenset({"max_length", "min_length", "pattern"}),
+        keys,
         text_like=True,
         column_type=lambda f: sa.String(max_length(f)),
-        coerce=_text,
-    ),
-    FieldType(
-        "long_text",
+        coerce=coerce,
+        **extra,
+    )
+
+
+def _decimal_type(name: str) -> FieldType:
+    """A type stored as an exact decimal: decimal, currency, percent."""
+    return FieldType(
+        name,
+        "DECIMAL",
+        _DECIMAL_KEYS,
+        column_type=lambda f: ExactDecimal(*decimal_shape(f)),
+        coerce=_decimal,
+    )
+
+
+def _large_text_type(name: str, text_like: bool) -> FieldType:
+    """A type stored as TEXT, which is neither indexed nor sorted: long and rich text."""
+    return FieldType(
+        name,
         "TEXT",
         _TEXT_KEYS,
         indexable=False,
         sortable=False,
-        text_like=True,
+        text_like=text_like,
         column_type=lambda f: sa.Text(),
         coerce=_text,
-    ),
-    FieldType(
-        "rich_text",
-        "TEXT",
-        _TEXT_KEYS,
+    )
+
+
+def _json_type(
+    name: str, value_type: str, keys: frozenset[str], coerce: Callable[[FieldDef, Any], Any]
+) -> FieldType:
+    """A type stored as JSON: multi-select, tags, file, json."""
+    return FieldType(
+        name,
+        value_type,
+        keys,
         indexable=False,
         sortable=False,
-        column_type=lambda f: sa.Text(),
-        coerce=_text,
-    ),
+        column_type=lambda f: JSONValue(),
+        coerce=coerce,
+    )
+
+
+for _ft in (
+    _string_type("text", _text, keys=frozenset({"max_length", "min_length", "pattern"})),
+    _large_text_type("long_text", text_like=True),
+    _large_text_type("rich_text", text_like=False),
     FieldType(
         "integer", "INTEGER", _NUMBER_KEYS, column_type=lambda f: sa.BigInteger(), coerce=_integer
     ),
-    FieldType(
-        "decimal",
-        "DECIMAL",
-        _DECIMAL_KEYS,
-        column_type=lambda f: ExactDecimal(*decimal_shape(f)),
-        coerce=_decimal,
-    ),
-    FieldType(
-        "currency",
-        "DECIMAL",
-        _DECIMAL_KEYS,
-        column_type=lambda f: ExactDecimal(*decimal_shape(f)),
-        coerce=_decimal,
-    ),
-    FieldType(
-        "percent",
-        "DECIMAL",
-        _DECIMAL_KEYS,
-        column_type=lambda f: ExactDecimal(*decimal_shape(f)),
-        coerce=_decimal,
-    ),
+    _decimal_type("decimal"),
+    _decimal_type("currency"),
+    _decimal_type("percent"),
     FieldType("boolean", "BOOLEAN", column_type=lambda f: sa.Boolean(), coerce=_boolean),
     FieldType("date", "DATE", column_type=lambda f: sa.Date(), coerce=_date),
     FieldType("datetime", "DATETIME", column_type=lambda f: UTCDateTime(), coerce=_datetime),
-    FieldType(
-        "email",
-        "TEXT",
-        _TEXT_KEYS,
-        text_like=True,
-        column_type=lambda f: sa.String(max_length(f)),
-        coerce=_matching(_EMAIL, "email"),
-    ),
-    FieldType(
-        "phone",
-        "TEXT",
-        _TEXT_KEYS,
-        text_like=True,
-        column_type=lambda f: sa.String(max_length(f)),
-        coerce=_matching(_PHONE, "phone"),
-    ),
-    FieldType(
-        "url",
-        "TEXT",
-        _TEXT_KEYS,
-        text_like=True,
-        column_type=lambda f: sa.String(max_length(f)),
-        coerce=_matching(_URL, "URL"),
-    ),
+    _string_type("email", _matching(_EMAIL, "email")),
+    _string_type("phone", _matching(_PHONE, "phone")),
+    _string_type("url", _matching(_URL, "URL")),
     FieldType(
         "single_select",
         "TEXT",
@@ -398,24 +389,13 @@ for _ft in (
         column_type=lambda f: sa.String(63),
         coerce=_single_select,
     ),
-    FieldType(
+    _json_type(
         "multi_select",
         "LIST",
         frozenset({"options", "max_items"}),
-        indexable=False,
-        sortable=False,
-        column_type=lambda f: JSONValue(),
-        coerce=lambda f, v: _string_list(f, v, _option_values(f)),
+        lambda f, v: _string_list(f, v, _option_values(f)),
     ),
-    FieldType(
-        "tags",
-        "LIST",
-        frozenset({"max_items"}),
-        indexable=False,
-        sortable=False,
-        column_type=lambda f: JSONValue(),
-        coerce=lambda f, v: _string_list(f, v, None),
-    ),
+    _json_type("tags", "LIST", frozenset({"max_items"}), lambda f, v: _string_list(f, v, None)),
     LookupFieldType("lookup", "UUID", frozenset({"target", "on_delete"})),
     FieldType(
         "many_to_many",
@@ -437,15 +417,7 @@ for _ft in (
         text_like=True,
         column_type=lambda f: sa.String(63),
     ),
-    FieldType(
-        "file",
-        "JSON",
-        frozenset({"max_size", "accept"}),
-        indexable=False,
-        sortable=False,
-        column_type=lambda f: JSONValue(),
-        coerce=_json,
-    ),
+    _json_type("file", "JSON", frozenset({"max_size", "accept"}), _json),
     FieldType(
         "encrypted_text",
         "TEXT",
@@ -455,13 +427,6 @@ for _ft in (
         column_type=lambda f: sa.Text(),
         coerce=_text,
     ),
-    FieldType(
-        "json",
-        "JSON",
-        indexable=False,
-        sortable=False,
-        column_type=lambda f: JSONValue(),
-        coerce=_json,
-    ),
+    _json_type("json", "JSON", frozenset(), _json),
 ):
     register(_ft)
