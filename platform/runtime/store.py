@@ -34,6 +34,65 @@ meta_version = sa.Table(
     sa.Column("created_by_name", sa.String(254), nullable=True),
 )
 
+#: Every write to a record: who, when, what changed (old → new). Append-only.
+audit = sa.Table(
+    "_audit",
+    PLATFORM,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("actor_id", sa.Uuid(), nullable=True),
+    sa.Column("actor_name", sa.String(254), nullable=True),
+    sa.Column("entity", sa.String(63), nullable=False),
+    sa.Column("record_id", sa.Uuid(), nullable=True),
+    sa.Column("operation", sa.String(20), nullable=False),
+    sa.Column("changes", JSONValue(), nullable=False),
+    sa.Index("ix__audit__record", "entity", "record_id"),
+    sa.Index("ix__audit__at", "at"),
+)
+
+#: Events for automation, committed with the change that caused them (transactional outbox).
+outbox = sa.Table(
+    "_outbox",
+    PLATFORM,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("event", sa.String(40), nullable=False),
+    sa.Column("entity", sa.String(63), nullable=False),
+    sa.Column("record_id", sa.Uuid(), nullable=True),
+    sa.Column("actor_id", sa.Uuid(), nullable=True),
+    sa.Column("payload", JSONValue(), nullable=False),
+    sa.Column("depth", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("dispatched_at", UTCDateTime(), nullable=True),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Index("ix__outbox__pending", "dispatched_at", "id"),
+)
+
+#: Counters of auto-number fields, one row per field, advanced under a row lock.
+sequence = sa.Table(
+    "_sequence",
+    PLATFORM,
+    sa.Column("name", sa.String(130), primary_key=True),
+    sa.Column("value", sa.BigInteger(), nullable=False),
+)
+
+#: First answers to POSTs carrying an Idempotency-Key, replayed to retries.
+idempotency = sa.Table(
+    "_idempotency",
+    PLATFORM,
+    sa.Column("principal_id", sa.Uuid(), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer(), nullable=False),
+    sa.Column("body", JSONValue(), nullable=False),
+    sa.Column("headers", JSONValue(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class TenantStore:
@@ -71,5 +130,10 @@ class TenantStore:
                 yield connection
 
     def create_platform_tables(self, connection: Connection) -> None:
-        """Create the platform's own tables in this namespace."""
+        """Create the platform's own tables in a new namespace."""
         PLATFORM.create_all(connection, checkfirst=False)
+
+    def upgrade_platform_tables(self) -> None:
+        """Add platform tables that a newer metacrm needs to an existing namespace."""
+        with self.begin() as connection:
+            PLATFORM.create_all(connection, checkfirst=True)

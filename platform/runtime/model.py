@@ -1,0 +1,117 @@
+"""A tenant's published metadata, compiled once per version for the request path.
+
+Building tables, expression scopes and validators from a bundle takes
+milliseconds; a request must not pay that. ``ModelCache`` keeps the compiled
+model of each (tenant store, version) and only asks the database which version
+is current.
+"""
+
+from __future__ import annotations
+
+import threading
+import zoneinfo
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from metacrm.metadata import fieldtypes
+from metacrm.metadata.expression import Scope
+from metacrm.metadata.expressions import scope_for
+from metacrm.metadata.model import Bundle, EntityDef, FieldDef
+from metacrm.metadata.tables import build_tables, link_table_name
+from metacrm.runtime import metastore
+from metacrm.runtime.store import TenantStore, meta_version
+
+CACHE_SIZE = 256
+
+
+@dataclass(frozen=True, eq=False)
+class EntityModel:
+    """One entity as the runtime uses it: definition, table, expression scope."""
+
+    entity: EntityDef
+    table: sa.Table
+    scope: Scope
+    links: Mapping[str, sa.Table] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.entity.name
+
+    def field(self, name: str) -> FieldDef | None:
+        """Return an active (not archived) field, or None."""
+        f = self.entity.fields.get(name)
+        return f if f is not None and not f.archived else None
+
+    def stored_fields(self) -> list[FieldDef]:
+        """Return the active fields that have columns of their own."""
+        return [f for f in self.entity.active_fields() if fieldtypes.get(f.type).stored]
+
+
+@dataclass(frozen=True, eq=False)
+class TenantModel:
+    """Everything the runtime needs from one published version."""
+
+    version: int
+    bundle: Bundle
+    metadata: sa.MetaData
+    entities: Mapping[str, EntityModel]
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return self.bundle.doc.get("settings", {})
+
+    @property
+    def timezone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.settings.get("timezone", "UTC"))
+
+    def entity(self, name: str) -> EntityModel | None:
+        """Return an active entity, or None (archived entities are not reachable)."""
+        return self.entities.get(name)
+
+
+def compile_model(version: int, bundle_doc: Mapping[str, Any]) -> TenantModel:
+    """Compile a published bundle into the runtime's model."""
+    bundle = Bundle.from_doc(bundle_doc)
+    metadata = build_tables(bundle)
+    entities = {}
+    for entity in bundle.active_entities():
+        links = {
+            f.name: metadata.tables[link_table_name(entity.name, f.name)]
+            for f in entity.active_fields()
+            if f.type == "many_to_many"
+        }
+        entities[entity.name] = EntityModel(
+            entity, metadata.tables[entity.name], scope_for(bundle.entities, entity.name), links
+        )
+    return TenantModel(version, bundle, metadata, entities)
+
+
+class ModelCache:
+    """Compiled models by (store, version), least recently used dropped first."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self._models: OrderedDict[tuple[str, str | None, int], TenantModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def current(self, store: TenantStore, connection: Connection) -> TenantModel:
+        """Return the model of the version published now, compiling it on first use."""
+        version = connection.execute(sa.select(sa.func.max(meta_version.c.version))).scalar()
+        key = (str(store.engine.url), store.schema, version or 0)
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+                return model
+        published = metastore.get(connection, version or 0)
+        model = compile_model(published.version, published.bundle)
+        with self._lock:
+            self._models[key] = model
+            while len(self._models) > self._size:
+                self._models.popitem(last=False)
+        return model

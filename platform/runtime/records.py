@@ -1,0 +1,797 @@
+"""The record service: create, read, update, delete, restore and purge records.
+
+Every write is one transaction (the caller's) holding the change, its audit
+entry and its outbox event: if any of the three fails, none is stored.
+Validation comes first and reports every problem of a payload at once; the
+database constraints stay the last line, and their errors are translated into
+the same field messages instead of leaking as exceptions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from uuid6 import uuid7
+
+from metacrm.metadata import fieldtypes
+from metacrm.metadata.expression import EvalContext, compile_sql, parse
+from metacrm.metadata.fieldtypes import ValueProblem, constraint_name
+from metacrm.metadata.model import FieldDef
+from metacrm.runtime.crypto import FieldCipher
+from metacrm.runtime.model import EntityModel, TenantModel
+from metacrm.runtime.recordschema import load_payload
+from metacrm.runtime.recordview import (
+    attach_relations,
+    column_resolver,
+    json_value,
+    select_columns,
+    to_json,
+)
+from metacrm.runtime.store import audit, outbox, sequence
+
+MASK = "********"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who writes: recorded as owner, creator, updater and in the audit trail."""
+
+    user_id: uuid.UUID | None
+    name: str
+    team_id: uuid.UUID | None = None
+
+
+class RecordError(Exception):
+    """A record operation was refused; the subclasses say why."""
+
+
+class RecordNotFound(RecordError):
+    """No live record with this id (or it is outside the caller's reach)."""
+
+
+class RecordInvalid(RecordError):
+    """The payload breaks the entity's rules; ``errors`` lists each problem."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{e['pointer']}: {e['message']}" for e in errors))
+        self.errors = errors
+
+
+class VersionMismatch(RecordError):
+    """The record changed since the caller read it."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"the record is at version {current}")
+        self.current = current
+
+
+@dataclass
+class _Context:
+    connection: Connection
+    model: TenantModel
+    entity: EntityModel
+    caller: Caller
+    cipher: FieldCipher
+    now: dt.datetime
+
+    @property
+    def table(self) -> sa.Table:
+        return self.entity.table
+
+    def eval_context(self) -> EvalContext:
+        today = self.now.astimezone(self.model.timezone).date()
+        teams = (self.caller.team_id,) if self.caller.team_id else ()
+        return EvalContext(now=self.now, today=today, user_id=self.caller.user_id, team_ids=teams)
+
+
+def _context(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    caller: Caller,
+    cipher: FieldCipher,
+) -> _Context:
+    return _Context(connection, model, entity, caller, cipher, dt.datetime.now(dt.UTC))
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def _fetch(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    record_id: uuid.UUID,
+    ctx: EvalContext,
+    *,
+    deleted: bool = False,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> dict[str, Any]:
+    table = entity.table
+    live = table.c.deleted_at.is_not(None) if deleted else table.c.deleted_at.is_(None)
+    query = sa.select(*select_columns(model, entity, ctx)).where(table.c.id == record_id, live)
+    if scope is not None:
+        query = query.where(scope)
+    row = connection.execute(query).mappings().first()
+    if row is None:
+        raise RecordNotFound(f"no {entity.name} record with id {record_id}")
+    record = to_json(entity, row)
+    attach_relations(connection, entity, [record])
+    return record
+
+
+def get(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    record_id: uuid.UUID,
+    ctx: EvalContext,
+    *,
+    deleted: bool = False,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> dict[str, Any]:
+    """Return one live record (or one in the recycle bin with ``deleted``)."""
+    return _fetch(connection, model, entity, record_id, ctx, deleted=deleted, scope=scope)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _validate(
+    c: _Context, data: Any, *, creating: bool, pointer: str = ""
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    if not isinstance(data, Mapping):
+        return {}, [{"pointer": pointer or "/", "message": "must be a JSON object of fields"}]
+    values, problems = load_payload(c.entity, data)
+    errors = [
+        {"pointer": f"{pointer}/{name}", "message": message} for name, message in problems.items()
+    ]
+    if creating:
+        for f in c.entity.entity.active_fields():
+            if f.name in data or f.type in ("formula", "auto_number", "many_to_many"):
+                continue
+            if f.has_default:
+                values[f.name] = fieldtypes.get(f.type).coerce(f, f.default)
+            elif f.required:
+                errors.append({"pointer": f"{pointer}/{f.name}", "message": "is required"})
+    for name, value in values.items():
+        f = c.entity.entity.fields[name]
+        if f.required and (value is None or value == "" or value == []):
+            errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
+    return values, errors
+
+
+def _check_references(c: _Context, rows: Sequence[tuple[str, dict[str, Any]]]) -> list[dict]:
+    """Check that lookups, relations and related-to values point at live records."""
+    wanted: dict[str, set[uuid.UUID]] = {}
+    for _, values in rows:
+        for name, value in values.items():
+            f = c.entity.entity.fields[name]
+            if value is None:
+                continue
+            if f.type == "lookup":
+                wanted.setdefault(f.get("target"), set()).add(value)
+            elif f.type == "many_to_many":
+                wanted.setdefault(f.get("target"), set()).update(value)
+            elif f.type == "related_to":
+                wanted.setdefault(value[0], set()).add(value[1])
+    found: dict[str, set[uuid.UUID]] = {}
+    for target, ids in wanted.items():
+        table = c.model.entities[target].table if target in c.model.entities else None
+        if table is None:
+            found[target] = set()
+            continue
+        query = sa.select(table.c.id).where(table.c.id.in_(ids), table.c.deleted_at.is_(None))
+        found[target] = set(c.connection.execute(query).scalars())
+    errors = []
+    for pointer, values in rows:
+        for name, value in values.items():
+            f = c.entity.entity.fields[name]
+            if value is None:
+                continue
+            if f.type == "lookup" and value not in found[f.get("target")]:
+                errors.append(
+                    {
+                        "pointer": f"{pointer}/{name}",
+                        "message": f"no live {f.get('target')} record with id {value}",
+                    }
+                )
+            elif f.type == "many_to_many":
+                missing = [str(v) for v in value if v not in found[f.get("target")]]
+                if missing:
+                    errors.append(
+                        {
+                            "pointer": f"{pointer}/{name}",
+                            "message": f"no live {f.get('target')} record with id {missing[0]}",
+                        }
+                    )
+            elif f.type == "related_to" and value[1] not in found[value[0]]:
+                errors.append(
+                    {
+                        "pointer": f"{pointer}/{name}",
+                        "message": f"no live {value[0]} record with id {value[1]}",
+                    }
+                )
+    return errors
+
+
+def _check_unique(
+    c: _Context, rows: Sequence[tuple[str, dict[str, Any], uuid.UUID | None]]
+) -> list[dict]:
+    """Report unique values already taken, or repeated within one request."""
+    errors = []
+    seen: dict[tuple[str, Any], str] = {}
+    for pointer, values, own_id in rows:
+        for name, value in values.items():
+            f = c.entity.entity.fields[name]
+            if not f.unique or value is None:
+                continue
+            key = (name, value)
+            if key in seen:
+                errors.append(
+                    {
+                        "pointer": f"{pointer}/{name}",
+                        "message": f"repeats the value of {seen[key]}/{name}",
+                    }
+                )
+                continue
+            seen[key] = pointer or "/"
+            column = c.table.c[name]
+            query = sa.select(c.table.c.id).where(column == value).limit(1)
+            if own_id is not None:
+                query = query.where(c.table.c.id != own_id)
+            taken = c.connection.execute(query).scalar()
+            if taken is not None:
+                errors.append(
+                    {
+                        "pointer": f"{pointer}/{name}",
+                        "message": f"must be unique; record {taken} already has it",
+                    }
+                )
+    return errors
+
+
+def _check_rules(c: _Context, ids: Sequence[tuple[str, uuid.UUID]]) -> list[dict]:
+    """Check validation rules and pipeline stage requirements in SQL, after the write.
+
+    SQL sees formulas and one lookup hop exactly as lists and filters do. A rule
+    fails when its expression is false; null passes, as with a CHECK constraint.
+    """
+    checks = []
+    ctx = c.eval_context()
+    resolver = column_resolver(c.model, c.entity, ctx)
+    for rule in c.entity.entity.doc.get("validation_rules", []):
+        expr = compile_sql(parse(rule["expression"]), c.entity.scope, resolver, ctx)
+        checks.append((sa.not_(expr), "", rule["message"]["en"]))
+    for pipeline in c.model.bundle.documents("pipelines"):
+        if pipeline["entity"] != c.entity.name:
+            continue
+        stage_column = c.table.c[pipeline["field"]]
+        for stage in pipeline["stages"]:
+            for name in stage.get("required_fields", []):
+                f = c.entity.field(name)
+                if f is None or not fieldtypes.get(f.type).stored:
+                    continue
+                empty = sa.or_(
+                    *(c.table.c[col].is_(None) for col in fieldtypes.get(f.type).column_names(f))
+                )
+                label = stage["label"]["en"]
+                checks.append(
+                    (
+                        sa.and_(stage_column == stage["name"], empty),
+                        f"/{name}",
+                        f"is required in the stage '{label}'",
+                    )
+                )
+            if "entry_criteria" in stage:
+                expr = compile_sql(parse(stage["entry_criteria"]), c.entity.scope, resolver, ctx)
+                checks.append(
+                    (
+                        sa.and_(stage_column == stage["name"], sa.not_(expr)),
+                        f"/{pipeline['field']}",
+                        f"the record does not meet the entry criteria of the stage "
+                        f"'{stage['label']['en']}': {stage['entry_criteria']}",
+                    )
+                )
+    if not checks:
+        return []
+    errors = []
+    by_id = {record_id: pointer for pointer, record_id in ids}
+    for condition, suffix, message in checks:
+        query = sa.select(c.table.c.id).where(c.table.c.id.in_(list(by_id)), condition)
+        for record_id in c.connection.execute(query).scalars():
+            errors.append({"pointer": f"{by_id[record_id]}{suffix}" or "/", "message": message})
+    return errors
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _next_number(c: _Context, f: FieldDef) -> str:
+    """Advance an auto-number field's counter under a row lock; no number is given twice."""
+    name = f"{c.entity.name}.{f.name}"
+    start = int(f.get("start", 1))
+    dialect = postgresql if c.connection.dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(sequence)
+        .values(name=name, value=start)
+        .on_conflict_do_update(index_elements=["name"], set_={"value": sequence.c.value + 1})
+        .returning(sequence.c.value)
+    )
+    value = c.connection.execute(statement).scalar_one()
+    return f"{f.get('prefix', '')}{str(value).zfill(int(f.get('padding', 5)))}"
+
+
+def _columns_of(c: _Context, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn coerced field values into column values (related-to pairs, ciphertext)."""
+    columns: dict[str, Any] = {}
+    for name, value in values.items():
+        f = c.entity.entity.fields[name]
+        if f.type == "many_to_many":
+            continue
+        if f.type == "related_to":
+            columns[f"{name}_entity"] = None if value is None else value[0]
+            columns[f"{name}_id"] = None if value is None else value[1]
+        elif f.type == "encrypted_text":
+            columns[name] = None if value is None else c.cipher.encrypt(value)
+        else:
+            columns[name] = value
+    return columns
+
+
+def _write_relations(c: _Context, record_id: uuid.UUID, values: Mapping[str, Any]) -> None:
+    for name, link in c.entity.links.items():
+        if name not in values:
+            continue
+        c.connection.execute(link.delete().where(link.c.source_id == record_id))
+        targets = values[name] or []
+        if targets:
+            c.connection.execute(
+                link.insert(),
+                [{"source_id": record_id, "target_id": t, "created_at": c.now} for t in targets],
+            )
+
+
+def _audit_value(f: FieldDef | None, value: Any) -> Any:
+    if f is not None and f.type == "encrypted_text" and value is not None:
+        return MASK
+    if isinstance(value, tuple):
+        return {"entity": value[0], "id": str(value[1])}
+    return json_value(value)
+
+
+def _log(
+    c: _Context, record_id: uuid.UUID, operation: str, changes: dict[str, Any], version: int
+) -> None:
+    c.connection.execute(
+        audit.insert().values(
+            id=uuid7(),
+            at=c.now,
+            actor_id=c.caller.user_id,
+            actor_name=c.caller.name,
+            entity=c.entity.name,
+            record_id=record_id,
+            operation=operation,
+            changes=changes,
+        )
+    )
+    c.connection.execute(
+        outbox.insert().values(
+            created_at=c.now,
+            event=f"record.{operation}",
+            entity=c.entity.name,
+            record_id=record_id,
+            actor_id=c.caller.user_id,
+            payload={
+                "entity": c.entity.name,
+                "id": str(record_id),
+                "operation": operation,
+                "version": version,
+                "changes": changes,
+            },
+        )
+    )
+
+
+def _integrity(c: _Context, exc: sa.exc.IntegrityError, pointer: str = "") -> RecordInvalid:
+    """Translate a constraint violation that slipped past the checks (a race) into errors."""
+    message = str(exc.orig)
+    for f in c.entity.entity.active_fields():
+        if constraint_name("uq", c.entity.name, f.name) in message:
+            return RecordInvalid(
+                [
+                    {
+                        "pointer": f"{pointer}/{f.name}",
+                        "message": "must be unique; another record has this value",
+                    }
+                ]
+            )
+        if constraint_name("fk", c.entity.name, f.name) in message:
+            return RecordInvalid(
+                [
+                    {
+                        "pointer": f"{pointer}/{f.name}",
+                        "message": "points at a record that does not exist",
+                    }
+                ]
+            )
+    return RecordInvalid(
+        [
+            {
+                "pointer": pointer or "/",
+                "message": "the change conflicts with other records (a constraint refused it)",
+            }
+        ]
+    )
+
+
+def _create_many(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    items: Sequence[Any],
+    caller: Caller,
+    cipher: FieldCipher,
+    *,
+    bulk: bool = False,
+) -> list[dict[str, Any]]:
+    """Create records; see ``create_many``."""
+    c = _context(connection, model, entity, caller, cipher)
+    prepared: list[tuple[str, dict[str, Any]]] = []
+    errors: list[dict[str, str]] = []
+    for index, data in enumerate(items):
+        pointer = f"/{index}" if bulk else ""
+        values, problems = _validate(c, data, creating=True, pointer=pointer)
+        errors.extend(problems)
+        prepared.append((pointer, values))
+    if not errors:
+        errors.extend(_check_references(c, prepared))
+        errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
+    if errors:
+        raise RecordInvalid(errors)
+    created: list[tuple[str, uuid.UUID]] = []
+    rows = []
+    for pointer, values in prepared:
+        record_id = uuid7()
+        row = {
+            "id": record_id,
+            "owner_id": caller.user_id,
+            "team_id": caller.team_id,
+            "created_at": c.now,
+            "created_by": caller.user_id,
+            "updated_at": c.now,
+            "updated_by": caller.user_id,
+            "version": 1,
+            **_columns_of(c, values),
+        }
+        for f in entity.entity.active_fields():
+            if f.type == "auto_number":
+                row[f.name] = _next_number(c, f)
+        rows.append((pointer, record_id, row, values))
+        created.append((pointer, record_id))
+    try:
+        for _pointer, record_id, row, values in rows:
+            connection.execute(entity.table.insert().values(row))
+            _write_relations(c, record_id, values)
+    except sa.exc.IntegrityError as exc:
+        raise _integrity(c, exc) from None
+    errors = _check_rules(c, created)
+    if errors:
+        raise RecordInvalid(errors)
+    results = []
+    for _pointer, record_id, row, values in rows:
+        changes = {
+            name: [None, _audit_value(entity.entity.fields.get(name), value)]
+            for name, value in values.items()
+        }
+        for f in entity.entity.active_fields():
+            if f.type == "auto_number":
+                changes[f.name] = [None, row[f.name]]
+        _log(c, record_id, "create", changes, 1)
+        results.append(_fetch(connection, model, entity, record_id, c.eval_context()))
+    return results
+
+
+def create(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    data: Any,
+    caller: Caller,
+    cipher: FieldCipher,
+) -> dict[str, Any]:
+    """Create one record and return it as stored."""
+    return create_many(connection, model, entity, [data], caller, cipher)[0]
+
+
+def _current(
+    c: _Context,
+    record_id: uuid.UUID,
+    *,
+    deleted: bool = False,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> Mapping[str, Any]:
+    live = c.table.c.deleted_at.is_not(None) if deleted else c.table.c.deleted_at.is_(None)
+    query = sa.select(c.table).where(c.table.c.id == record_id, live)
+    if scope is not None:
+        query = query.where(scope)
+    dialect = c.connection.dialect.name
+    row = c.connection.execute(query.with_for_update() if dialect == "postgresql" else query)
+    found = row.mappings().first()
+    if found is None:
+        where = "in the recycle bin" if deleted else "live"
+        raise RecordNotFound(f"no {where} {c.entity.name} record with id {record_id}")
+    return found
+
+
+def _old_value(c: _Context, f: FieldDef, row: Mapping[str, Any]) -> Any:
+    if f.type == "related_to":
+        target = row[f"{f.name}_id"]
+        return None if target is None else (row[f"{f.name}_entity"], target)
+    if f.type == "many_to_many":
+        link = c.entity.links[f.name]
+        query = sa.select(link.c.target_id).where(link.c.source_id == row["id"])
+        return sorted(c.connection.execute(query).scalars(), key=str)
+    return row[f.name]
+
+
+def _update_many(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    items: Sequence[tuple[uuid.UUID, Any, int | None]],
+    caller: Caller,
+    cipher: FieldCipher,
+    *,
+    bulk: bool = False,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Apply partial updates; see ``update_many``."""
+    c = _context(connection, model, entity, caller, cipher)
+    prepared = []
+    errors: list[dict[str, str]] = []
+    for index, (record_id, data, expected) in enumerate(items):
+        pointer = f"/{index}" if bulk else ""
+        values, problems = _validate(c, data, creating=False, pointer=pointer)
+        errors.extend(problems)
+        prepared.append((pointer, record_id, values, expected))
+    if not errors:
+        errors.extend(_check_references(c, [(p, v) for p, _, v, _ in prepared]))
+        errors.extend(_check_unique(c, [(p, v, i) for p, i, v, _ in prepared]))
+    if errors:
+        raise RecordInvalid(errors)
+    done = []
+    for pointer, record_id, values, expected in prepared:
+        row = _current(c, record_id, scope=scope)
+        if expected is not None and row["version"] != expected:
+            raise VersionMismatch(row["version"])
+        changes = {}
+        for name, value in values.items():
+            f = entity.entity.fields[name]
+            old = _old_value(c, f, row)
+            compare_old = MASK if f.type == "encrypted_text" else old
+            compare_new = MASK if f.type == "encrypted_text" else value
+            if f.type == "many_to_many":
+                compare_new = sorted(value or [], key=str)
+            if compare_old != compare_new or f.type == "encrypted_text":
+                changes[name] = [_audit_value(f, old), _audit_value(f, value)]
+        if not changes:
+            done.append((pointer, record_id))
+            continue
+        version = row["version"] + 1
+        columns = _columns_of(c, {k: v for k, v in values.items() if k in changes})
+        columns.update(updated_at=c.now, updated_by=caller.user_id, version=version)
+        try:
+            connection.execute(
+                entity.table.update().where(entity.table.c.id == record_id).values(columns)
+            )
+            _write_relations(c, record_id, {k: v for k, v in values.items() if k in changes})
+        except sa.exc.IntegrityError as exc:
+            raise _integrity(c, exc, pointer) from None
+        _log(c, record_id, "update", changes, version)
+        done.append((pointer, record_id))
+    errors = _check_rules(c, done)
+    if errors:
+        raise RecordInvalid(errors)
+    return [_fetch(connection, model, entity, record_id, c.eval_context()) for _, record_id in done]
+
+
+def update(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    record_id: uuid.UUID,
+    data: Any,
+    caller: Caller,
+    cipher: FieldCipher,
+    expected_version: int | None = None,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> dict[str, Any]:
+    """Apply a partial update to one record and return it as stored."""
+    return update_many(
+        connection,
+        model,
+        entity,
+        [(record_id, data, expected_version)],
+        caller,
+        cipher,
+        scope=scope,
+    )[0]
+
+
+def _set_deleted_unsafe(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    ids: Iterable[tuple[uuid.UUID, int | None]],
+    caller: Caller,
+    *,
+    restoring: bool,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> None:
+    c = _context(connection, model, entity, caller, FieldCipher("unused-for-deletes"))
+    for record_id, expected in ids:
+        row = _current(c, record_id, deleted=restoring, scope=scope)
+        if expected is not None and row["version"] != expected:
+            raise VersionMismatch(row["version"])
+        version = row["version"] + 1
+        connection.execute(
+            entity.table.update()
+            .where(entity.table.c.id == record_id)
+            .values(
+                deleted_at=None if restoring else c.now,
+                updated_at=c.now,
+                updated_by=caller.user_id,
+                version=version,
+            )
+        )
+        change = [json_value(row["deleted_at"]), None if restoring else json_value(c.now)]
+        _log(c, record_id, "restore" if restoring else "delete", {"deleted_at": change}, version)
+
+
+def delete_many(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    ids: Iterable[tuple[uuid.UUID, int | None]],
+    caller: Caller,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> None:
+    """Move records to the recycle bin, all or none."""
+    _set_deleted(connection, model, entity, ids, caller, restoring=False, scope=scope)
+
+
+def restore(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    record_id: uuid.UUID,
+    caller: Caller,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> dict[str, Any]:
+    """Bring a record back from the recycle bin and return it."""
+    _set_deleted(
+        connection, model, entity, [(record_id, None)], caller, restoring=True, scope=scope
+    )
+    ctx = _context(connection, model, entity, caller, FieldCipher("unused")).eval_context()
+    return _fetch(connection, model, entity, record_id, ctx)
+
+
+def _purge(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    record_id: uuid.UUID,
+    caller: Caller,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> None:
+    """Delete a record for good; see ``purge``."""
+    c = _context(connection, model, entity, caller, FieldCipher("unused-for-purges"))
+    row = _current(c, record_id, deleted=True, scope=scope)
+    try:
+        connection.execute(entity.table.delete().where(entity.table.c.id == record_id))
+    except sa.exc.IntegrityError:
+        raise RecordInvalid(
+            [
+                {
+                    "pointer": "/",
+                    "message": "other records still point at this "
+                    "one through a lookup that restricts deletion",
+                }
+            ]
+        ) from None
+    _log(
+        c, record_id, "purge", {"deleted_at": [json_value(row["deleted_at"]), None]}, row["version"]
+    )
+
+
+def decrypt_field(
+    connection: Connection,
+    entity: EntityModel,
+    record_id: uuid.UUID,
+    field_name: str,
+    cipher: FieldCipher,
+) -> str | None:
+    """Return the plaintext of an encrypted field (callers check the right to see it)."""
+    f = entity.field(field_name)
+    if f is None or f.type != "encrypted_text":
+        raise ValueProblem(f"'{field_name}' is not an encrypted field")
+    value = connection.execute(
+        sa.select(entity.table.c[field_name]).where(entity.table.c.id == record_id)
+    ).scalar()
+    return None if value is None else cipher.decrypt(value)
+
+
+# -- public writers: each runs in a SAVEPOINT ---------------------------------------------
+#
+# A refused write must leave nothing behind even when the caller catches the error
+# and goes on using its transaction, so every writer undoes its own partial work.
+
+
+def create_many(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    items: Sequence[Any],
+    caller: Caller,
+    cipher: FieldCipher,
+    *,
+    bulk: bool = False,
+) -> list[dict[str, Any]]:
+    """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``."""
+    with connection.begin_nested():
+        return _create_many(connection, model, entity, items, caller, cipher, bulk=bulk)
+
+
+def update_many(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    items: Sequence[tuple[uuid.UUID, Any, int | None]],
+    caller: Caller,
+    cipher: FieldCipher,
+    *,
+    bulk: bool = False,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Apply partial updates ``(id, patch, expected_version)``, all or none."""
+    with connection.begin_nested():
+        return _update_many(
+            connection, model, entity, items, caller, cipher, bulk=bulk, scope=scope
+        )
+
+
+def _set_deleted(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    ids: Iterable[tuple[uuid.UUID, int | None]],
+    caller: Caller,
+    *,
+    restoring: bool,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> None:
+    with connection.begin_nested():
+        _set_deleted_unsafe(
+            connection, model, entity, ids, caller, restoring=restoring, scope=scope
+        )
+
+
+def purge(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    record_id: uuid.UUID,
+    caller: Caller,
+    scope: sa.ColumnElement[bool] | None = None,
+) -> None:
+    """Delete a record from the recycle bin for good (lookups act as their on_delete says)."""
+    with connection.begin_nested():
+        _purge(connection, model, entity, record_id, caller, scope=scope)
