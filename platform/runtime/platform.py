@@ -13,7 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from metacrm.runtime import control
+from metacrm.runtime.crypto import FieldCipher
 from metacrm.runtime.database import Engines
+from metacrm.runtime.model import ModelCache
 from metacrm.runtime.settings import Settings
 from metacrm.runtime.store import TenantStore
 
@@ -24,6 +26,10 @@ class Platform:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engines = Engines(pool_size=settings.pool_size)
+        #: Compiled metadata of each tenant's published version.
+        self.models = ModelCache()
+        #: Encrypts ``encrypted_text`` fields at rest.
+        self.cipher = FieldCipher(settings.secret_key)
 
     @property
     def control_engine(self) -> sa.Engine:

@@ -451,9 +451,10 @@ def _create_many(
         values, problems = _validate(c, data, creating=True, pointer=pointer)
         errors.extend(problems)
         prepared.append((pointer, values))
-    if not errors:
-        errors.extend(_check_references(c, prepared))
-        errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
+    # Values that passed their own checks are checked against the data too, so one
+    # answer lists every problem.
+    errors.extend(_check_references(c, prepared))
+    errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
     if errors:
         raise RecordInvalid(errors)
     created: list[tuple[str, uuid.UUID]] = []
@@ -562,9 +563,8 @@ def _update_many(
         values, problems = _validate(c, data, creating=False, pointer=pointer)
         errors.extend(problems)
         prepared.append((pointer, record_id, values, expected))
-    if not errors:
-        errors.extend(_check_references(c, [(p, v) for p, _, v, _ in prepared]))
-        errors.extend(_check_unique(c, [(p, v, i) for p, i, v, _ in prepared]))
+    errors.extend(_check_references(c, [(p, v) for p, _, v, _ in prepared]))
+    errors.extend(_check_unique(c, [(p, v, i) for p, i, v, _ in prepared]))
     if errors:
         raise RecordInvalid(errors)
     done = []
