@@ -93,7 +93,9 @@ def compile_sql(
     compiled = _SqlCompiler(typed, resolve, ctx).expr(node)
     if isinstance(node, Field):
         return compiled
-    return type_coerce(compiled, sql_type(typed.type_of(node)))
+    # Grouped, because SQLAlchemy renders not_() of a bare TypeCoerce as "x = 0"
+    # without parentheses, which binds tighter than an OR inside it.
+    return type_coerce(compiled, sql_type(typed.type_of(node))).self_group()
 
 
 def _escaped(text: ColumnElement[Any]) -> ColumnElement[Any]:

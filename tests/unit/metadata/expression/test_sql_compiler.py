@@ -184,3 +184,31 @@ def test_nested_constructs_compile_in_linear_time_and_size(text: str) -> None:
     for dialect in (postgresql.psycopg.dialect(), sqlite.dialect()):
         assert len(str(_sql(text, dialect))) < 40 * len(text)
     assert time.perf_counter() - started < 2
+
+
+def test_negating_a_compiled_expression_keeps_its_grouping():
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from metacrm.metadata.expression import (
+        EvalContext,
+        FieldInfo,
+        Scope,
+        ValueType,
+        compile_sql,
+        parse,
+    )
+
+    table = sa.Table("t", sa.MetaData(), sa.Column("a", sa.String()), sa.Column("b", sa.String()))
+    scope = Scope("t", {"a": FieldInfo(ValueType.TEXT), "b": FieldInfo(ValueType.TEXT)})
+    import datetime as dt
+
+    now = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    ctx = EvalContext(now=now, today=now.date(), user_id=None, team_ids=())
+    expr = compile_sql(parse('a = "x" or b is null'), scope, lambda path: table.c[path[0]], ctx)
+    for dialect in (sqlite.dialect(), postgresql.dialect()):
+        sql = str(sa.not_(expr).compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        assert sql in (
+            "NOT (t.a = 'x' OR t.b IS NULL)",
+            "(t.a = 'x' OR t.b IS NULL) = 0",
+        )

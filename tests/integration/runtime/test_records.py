@@ -1,0 +1,382 @@
+"""The record service on both backends: validation, audit and outbox, concurrency, recycle bin."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from metacrm.runtime import metastore, records, tenancy
+from metacrm.runtime.records import Caller, RecordInvalid, RecordNotFound, VersionMismatch
+from metacrm.runtime.store import audit, outbox
+
+CALLER = Caller(uuid.UUID("00000000-0000-7000-8000-000000000001"), "tester@example.com")
+
+
+@pytest.fixture
+def tenant(platform):
+    """A core tenant with two extra fields on deal: a formula and an encrypted note."""
+    created = tenancy.create_tenant(platform, f"r{uuid.uuid4().hex[:9]}", "Records")
+    store = platform.store(created.tenant)
+    with store.connect() as connection:
+        bundle = copy.deepcopy(metastore.current(connection).bundle)
+    deal = next(e for e in bundle["entities"] if e["name"] == "deal")
+    deal["fields"] += [
+        {
+            "name": "weighted",
+            "type": "formula",
+            "label": {"en": "Weighted"},
+            "expression": "amount * probability / 100",
+            "result_type": "decimal",
+        },
+        {"name": "secret_note", "type": "encrypted_text", "label": {"en": "Secret"}},
+        {
+            "name": "partners",
+            "type": "many_to_many",
+            "target": "customer",
+            "label": {"en": "Partners"},
+        },
+    ]
+    deal["validation_rules"] = [
+        {
+            "name": "closed_needs_date",
+            "expression": 'stage != "won" or closed_on is not null',
+            "message": {"en": "A won deal needs a close date"},
+        }
+    ]
+    metastore.publish(store, bundle, expected_version=1)
+    return platform, store
+
+
+def run(tenant, operation, *args: Any, **kwargs: Any) -> Any:
+    platform, store = tenant
+    with store.begin(immediate=True) as connection:
+        model = platform.models.current(store, connection)
+        entity = model.entity(args[0])
+        return operation(connection, model, entity, *args[1:], **kwargs)
+
+
+def create(tenant, entity: str, data: dict[str, Any]) -> dict[str, Any]:
+    platform, _ = tenant
+    return run(tenant, records.create, entity, data, CALLER, platform.cipher)
+
+
+def counts(tenant) -> tuple[int, int]:
+    _, store = tenant
+    with store.connect() as connection:
+        return (
+            connection.execute(sa.select(sa.func.count()).select_from(audit)).scalar_one(),
+            connection.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one(),
+        )
+
+
+def customer(tenant, **extra: Any) -> dict[str, Any]:
+    return create(tenant, "customer", {"name": "上海华联贸易有限公司", "kind": "company", **extra})
+
+
+def test_create_applies_defaults_numbers_and_system_columns(tenant):
+    c = customer(tenant)
+    deal = create(
+        tenant, "deal", {"name": "Big", "customer": c["id"], "amount": "1200.5", "probability": 50}
+    )
+    assert deal["number"] == "D-00001"
+    assert deal["stage"] == "lead"  # the field's default
+    assert deal["amount"] == "1200.50"
+    assert deal["weighted"] == "600.25" or deal["weighted"].startswith("600.25")
+    assert deal["owner_id"] == str(CALLER.user_id) and deal["version"] == 1
+    assert deal["created_at"].endswith("Z")
+    assert create(tenant, "deal", {"name": "Next", "customer": c["id"]})["number"] == "D-00002"
+
+
+def test_every_problem_of_a_payload_is_reported_and_nothing_stored(tenant):
+    before = counts(tenant)
+    with pytest.raises(RecordInvalid) as info:
+        create(
+            tenant,
+            "deal",
+            {
+                "id": str(uuid.uuid4()),
+                "owner_id": str(uuid.uuid4()),
+                "number": "D-9",
+                "weighted": 1,
+                "bogus": 1,
+                "amount": "abc",
+                "stage": "nope",
+                "probability": 101,
+                "customer": str(uuid.uuid4()),
+                "expected_close_on": "2024-13-01",
+            },
+        )
+    pointers = {e["pointer"]: e["message"] for e in info.value.errors}
+    assert set(pointers) == {
+        "/id",
+        "/owner_id",
+        "/number",
+        "/weighted",
+        "/bogus",
+        "/amount",
+        "/stage",
+        "/probability",
+        "/customer",
+        "/expected_close_on",
+        "/name",
+    }
+    assert "set by the platform" in pointers["/owner_id"]
+    assert "computed" in pointers["/weighted"]
+    assert "no live customer" in pointers["/customer"]
+    assert counts(tenant) == before
+
+
+def test_update_with_optimistic_concurrency_and_audit(tenant):
+    platform, _ = tenant
+    c = customer(tenant, level="normal")
+    record_id = uuid.UUID(c["id"])
+    updated = run(
+        tenant,
+        records.update,
+        "customer",
+        record_id,
+        {"level": "vip"},
+        CALLER,
+        platform.cipher,
+        expected_version=1,
+    )
+    assert updated["level"] == "vip" and updated["version"] == 2
+    with pytest.raises(VersionMismatch) as info:
+        run(
+            tenant,
+            records.update,
+            "customer",
+            record_id,
+            {"level": "gold"},
+            CALLER,
+            platform.cipher,
+            expected_version=1,
+        )
+    assert info.value.current == 2
+    _, store = tenant
+    with store.connect() as connection:
+        entry = (
+            connection.execute(sa.select(audit).where(audit.c.operation == "update"))
+            .mappings()
+            .one()
+        )
+        event = (
+            connection.execute(sa.select(outbox).where(outbox.c.event == "record.update"))
+            .mappings()
+            .one()
+        )
+    assert entry["changes"] == {"level": ["normal", "vip"]}
+    assert entry["actor_name"] == CALLER.name
+    assert event["payload"]["changes"] == {"level": ["normal", "vip"]}
+
+
+def test_no_change_makes_no_version(tenant):
+    platform, _ = tenant
+    c = customer(tenant, level="vip")
+    same = run(
+        tenant,
+        records.update,
+        "customer",
+        uuid.UUID(c["id"]),
+        {"level": "vip"},
+        CALLER,
+        platform.cipher,
+    )
+    assert same["version"] == 1
+
+
+def test_audit_or_outbox_failure_stores_nothing(tenant, monkeypatch):
+    before = counts(tenant)
+    original = records._log
+
+    def broken(c, record_id, operation, changes, version):
+        original(c, record_id, operation, changes, version)
+        raise sa.exc.OperationalError("INSERT INTO _outbox", {}, Exception("disk full"))
+
+    monkeypatch.setattr(records, "_log", broken)
+    with pytest.raises(sa.exc.OperationalError):
+        customer(tenant)
+    monkeypatch.setattr(records, "_log", original)
+    assert counts(tenant) == before
+    _, store = tenant
+    from .conftest import rows
+
+    assert rows(store, "customer", "name") == []
+
+
+def test_unique_values_get_a_clear_error(tenant):
+    c = customer(tenant)
+    create(tenant, "deal", {"name": "A", "customer": c["id"]})
+    platform, store = tenant
+    with store.connect() as connection:
+        bundle = copy.deepcopy(metastore.current(connection).bundle)
+    customer_doc = next(e for e in bundle["entities"] if e["name"] == "customer")
+    next(f for f in customer_doc["fields"] if f["name"] == "email")["unique"] = True
+    metastore.publish(store, bundle, expected_version=2)
+    customer(tenant, email="a@x.example")
+    with pytest.raises(RecordInvalid) as info:
+        customer(tenant, email="a@x.example")
+    assert info.value.errors[0]["pointer"] == "/email"
+    assert "unique" in info.value.errors[0]["message"]
+
+
+def test_lookup_to_a_deleted_record_is_refused(tenant):
+    platform, _ = tenant
+    c = customer(tenant)
+    run(tenant, records.delete_many, "customer", [(uuid.UUID(c["id"]), None)], CALLER)
+    with pytest.raises(RecordInvalid, match="no live customer"):
+        create(tenant, "deal", {"name": "A", "customer": c["id"]})
+
+
+def test_recycle_bin_restore_and_purge(tenant):
+    platform, _ = tenant
+    c = customer(tenant)
+    record_id = uuid.UUID(c["id"])
+    with pytest.raises(RecordNotFound):
+        run(tenant, records.purge, "customer", record_id, CALLER)  # not in the bin yet
+    run(tenant, records.delete_many, "customer", [(record_id, 1)], CALLER)
+    ctx = _ctx()
+    with pytest.raises(RecordNotFound):
+        run(tenant, records.get, "customer", record_id, ctx)
+    assert run(tenant, records.get, "customer", record_id, ctx, deleted=True)["deleted_at"]
+    restored = run(tenant, records.restore, "customer", record_id, CALLER)
+    assert restored["deleted_at"] is None and restored["version"] == 3
+    run(tenant, records.delete_many, "customer", [(record_id, None)], CALLER)
+    run(tenant, records.purge, "customer", record_id, CALLER)
+    with pytest.raises(RecordNotFound):
+        run(tenant, records.get, "customer", record_id, ctx, deleted=True)
+
+
+def _ctx():
+    import datetime as dt
+
+    from metacrm.metadata.expression import EvalContext
+
+    now = dt.datetime.now(dt.UTC)
+    return EvalContext(now=now, today=now.date(), user_id=CALLER.user_id, team_ids=())
+
+
+def test_purge_refused_while_a_restricting_lookup_points_at_it(tenant):
+    c = customer(tenant)
+    create(tenant, "deal", {"name": "A", "customer": c["id"]})  # deal.customer restricts
+    run(tenant, records.delete_many, "customer", [(uuid.UUID(c["id"]), None)], CALLER)
+    with pytest.raises(RecordInvalid, match="restricts deletion"):
+        run(tenant, records.purge, "customer", uuid.UUID(c["id"]), CALLER)
+
+
+def test_validation_rule_and_stage_requirements(tenant):
+    c = customer(tenant)
+    with pytest.raises(RecordInvalid) as info:
+        create(tenant, "deal", {"name": "A", "customer": c["id"], "stage": "won", "amount": 10})
+    assert {e["message"] for e in info.value.errors} == {"A won deal needs a close date"}
+    with pytest.raises(RecordInvalid) as info:
+        create(tenant, "deal", {"name": "A", "customer": c["id"], "stage": "lost"})
+    assert info.value.errors[0]["pointer"] == "/lost_reason"
+    deal = create(
+        tenant,
+        "deal",
+        {"name": "A", "customer": c["id"], "stage": "won", "amount": 10, "closed_on": "2024-05-01"},
+    )
+    assert deal["stage"] == "won"
+
+
+def test_encrypted_field_is_stored_as_ciphertext_and_masked(tenant):
+    platform, store = tenant
+    c = customer(tenant)
+    deal = create(tenant, "deal", {"name": "A", "customer": c["id"], "secret_note": "密码 1234"})
+    assert deal["secret_note"] == "********"
+    with store.connect() as connection:
+        model = platform.models.current(store, connection)
+        stored = connection.execute(
+            sa.select(model.entity("deal").table.c.secret_note)
+        ).scalar_one()
+        assert "1234" not in stored
+        assert (
+            records.decrypt_field(
+                connection,
+                model.entity("deal"),
+                uuid.UUID(deal["id"]),
+                "secret_note",
+                platform.cipher,
+            )
+            == "密码 1234"
+        )
+        changes = connection.execute(
+            sa.select(audit.c.changes).where(audit.c.entity == "deal")
+        ).scalar_one()
+    assert changes["secret_note"] == [None, "********"]
+
+
+def test_relations_and_related_to(tenant):
+    a, b = customer(tenant), customer(tenant, name="王芳", kind="person")
+    deal = create(
+        tenant, "deal", {"name": "A", "customer": a["id"], "partners": [a["id"], b["id"]]}
+    )
+    assert deal["partners"] == [a["id"], b["id"]]
+    task = create(
+        tenant, "task", {"subject": "Call", "related_to": {"entity": "deal", "id": deal["id"]}}
+    )
+    assert task["related_to"] == {"entity": "deal", "id": deal["id"]}
+    with pytest.raises(RecordInvalid, match="entity must be one of"):
+        create(tenant, "task", {"subject": "x", "related_to": {"entity": "task", "id": a["id"]}})
+
+
+def test_bulk_create_is_all_or_nothing_with_row_pointers(tenant):
+    platform, store = tenant
+    items = [{"name": "A", "kind": "company"}, {"kind": "company"}, {"name": "C", "level": "x"}]
+    with pytest.raises(RecordInvalid) as info:
+        run(tenant, records.create_many, "customer", items, CALLER, platform.cipher, bulk=True)
+    assert {e["pointer"] for e in info.value.errors} == {"/1/name", "/2/level"}
+    from .conftest import rows
+
+    assert rows(store, "customer", "name") == []
+
+
+def test_caught_refusal_inside_a_transaction_leaves_nothing(tenant):
+    """The stage rule fails after the row was written; the write undoes itself."""
+    platform, store = tenant
+    c = customer(tenant)
+    deal = create(tenant, "deal", {"name": "A", "customer": c["id"]})
+    before = counts(tenant)
+    with store.begin(immediate=True) as connection:
+        model = platform.models.current(store, connection)
+        with pytest.raises(RecordInvalid, match="lost_reason"):
+            records.update(
+                connection,
+                model,
+                model.entity("deal"),
+                uuid.UUID(deal["id"]),
+                {"stage": "lost"},
+                CALLER,
+                platform.cipher,
+            )
+    again = run(tenant, records.get, "deal", uuid.UUID(deal["id"]), _ctx())
+    assert (again["stage"], again["version"]) == ("lead", 1)
+    assert counts(tenant) == before
+
+
+def test_auto_numbers_are_unique_under_concurrent_creates(tenant):
+    platform, _ = tenant
+    c = customer(tenant)
+    numbers: list[str] = []
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(5):
+                numbers.append(create(tenant, "deal", {"name": "x", "customer": c["id"]})["number"])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert sorted(numbers) == [f"D-{n:05d}" for n in range(1, 21)]
