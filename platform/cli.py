@@ -128,7 +128,7 @@ def _ensure_demo(platform: Platform) -> tuple[str, str, str]:
         platform, DEMO_SLUG, "Demo Trading Co. 演示贸易公司", admin_email=DEMO_EMAIL
     )
     assert created.admin is not None
-    load_sample(platform.store(created.tenant), created.admin.id)
+    load_sample(platform, platform.store(created.tenant), created.admin.id)
     with platform.session() as session:
         tenant = platform.tenant(session, DEMO_SLUG)
         admin = session.get(User, created.admin.id)
@@ -181,7 +181,7 @@ def tenant_create(
         from metacrm.runtime.demo import load_sample
 
         count = load_sample(
-            platform.store(created.tenant), created.admin.id if created.admin else None
+            platform, platform.store(created.tenant), created.admin.id if created.admin else None
         )
         click.echo(f"Loaded {count} sample records.")
     click.echo(f"Created tenant '{slug}' ({name}) from template '{template}'.")

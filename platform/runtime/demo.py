@@ -1,9 +1,9 @@
-"""Load the ``core`` sample records into a demo tenant.
+"""Load the ``core`` sample records into a demo tenant, through the record service.
 
 Dates in the sample are offsets from today (``{"days_ago": 12}``), so the demo
-always looks current; lookups refer to other sample records by ``_key``. The
-records are inserted with the same field coercion the metadata defines, so a
-sample value that does not fit its field fails loudly instead of being stored.
+always looks current; lookups refer to other sample records by ``_key``. Going
+through the record service means the sample is validated like any payload, gets
+audit entries and outbox events, and advances auto-number counters.
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ import zoneinfo
 from importlib import resources
 from typing import Any
 
-from uuid6 import uuid7
-
-from metacrm.metadata import fieldtypes
-from metacrm.metadata.model import Bundle
-from metacrm.metadata.tables import build_tables
-from metacrm.runtime import metastore
+from metacrm.runtime import records
+from metacrm.runtime.platform import Platform
 from metacrm.runtime.store import TenantStore
 
 ORDER = ("customer", "contact", "deal", "interaction", "task")
@@ -30,81 +26,65 @@ class SampleError(ValueError):
     """A sample record does not fit the tenant's metadata."""
 
 
-def _moment(value: Any, today: dt.date, zone: dt.tzinfo) -> tuple[dt.date, dt.time] | None:
+def _moment(value: Any, today: dt.date, zone: dt.tzinfo, with_time: bool) -> str | None:
     if not isinstance(value, dict) or not ({"days_ago", "in_days"} & set(value)):
         return None
-    offset = value.get("in_days", 0) - value.get("days_ago", 0)
+    day = today + dt.timedelta(days=value.get("in_days", 0) - value.get("days_ago", 0))
+    if not with_time:
+        return day.isoformat()
     hour, minute = (int(p) for p in value.get("at", "09:00").split(":"))
-    return today + dt.timedelta(days=offset), dt.time(hour, minute, tzinfo=zone)
+    moment = dt.datetime.combine(day, dt.time(hour, minute, tzinfo=zone))
+    return moment.astimezone(dt.UTC).isoformat()
 
 
-def _value(f: Any, raw: Any, keys: dict[str, uuid.UUID], today: dt.date, zone: dt.tzinfo) -> Any:
-    moment = _moment(raw, today, zone)
-    if f.type == "date" and moment:
-        return moment[0]
-    if f.type == "datetime" and moment:
-        return dt.datetime.combine(moment[0], moment[1]).astimezone(dt.UTC)
-    if f.type == "lookup":
-        if raw not in keys:
-            raise SampleError(f"{f.path}: unknown sample key {raw!r}")
-        return keys[raw]
-    return fieldtypes.get(f.type).coerce(f, raw)
+def _payload(
+    entity: Any, record: dict[str, Any], keys: dict[str, uuid.UUID], today: dt.date, zone: dt.tzinfo
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    for name, raw in record.items():
+        if name == "_key":
+            continue
+        f = entity.field(name)
+        if f is None:
+            raise SampleError(f"{entity.name}.{name} is not a field")
+        if f.type in ("date", "datetime"):
+            moment = _moment(raw, today, zone, with_time=f.type == "datetime")
+            payload[name] = moment if moment is not None else raw
+        elif f.type == "lookup":
+            if raw not in keys:
+                raise SampleError(f"{entity.name}.{name}: unknown sample key {raw!r}")
+            payload[name] = str(keys[raw])
+        elif f.type == "related_to":
+            payload[name] = {"entity": raw["entity"], "id": str(keys[raw["key"]])}
+        else:
+            payload[name] = raw
+    return payload
 
 
-def load_sample(store: TenantStore, owner_id: uuid.UUID | None) -> int:
+def load_sample(platform: Platform, store: TenantStore, owner_id: uuid.UUID | None) -> int:
     """Insert the core sample records into a tenant; return how many were inserted."""
     source = resources.files("metacrm.bundles") / "core" / "sample" / "records.json"
     sample = json.loads(source.read_text("utf-8"))
+    caller = records.Caller(owner_id, "sample data")
+    total = 0
     with store.begin(immediate=True) as connection:
-        bundle = Bundle.from_doc(metastore.current(connection).bundle)
-        tables = build_tables(bundle)
-        zone = zoneinfo.ZoneInfo(bundle.doc.get("settings", {}).get("timezone", "UTC"))
-        now = dt.datetime.now(dt.UTC)
-        today = now.astimezone(zone).date()
+        model = platform.models.current(store, connection)
+        zone = zoneinfo.ZoneInfo(model.settings.get("timezone", "UTC"))
+        today = dt.datetime.now(zone).date()
         keys: dict[str, uuid.UUID] = {}
-        counters: dict[str, int] = {}
-        total = 0
         for name in ORDER:
-            entity = bundle.entities[name]
-            rows = []
-            for record in sample.get(name, []):
-                row: dict[str, Any] = {
-                    "id": uuid7(),
-                    "owner_id": owner_id,
-                    "created_by": owner_id,
-                    "updated_by": owner_id,
-                    "created_at": now,
-                    "updated_at": now,
-                    "version": 1,
-                }
-                keys[record["_key"]] = row["id"]
-                for field_name, raw in record.items():
-                    if field_name == "_key":
-                        continue
-                    f = entity.fields.get(field_name)
-                    if f is None:
-                        raise SampleError(f"{name}.{field_name} is not a field")
-                    if f.type == "related_to":
-                        row[f"{field_name}_entity"] = raw["entity"]
-                        row[f"{field_name}_id"] = raw["key"]
-                        continue
-                    row[field_name] = _value(f, raw, keys, today, zone)
-                for f in entity.fields.values():
-                    if f.type == "auto_number":
-                        counters[f.path] = counters.get(f.path, f.get("start", 1) - 1) + 1
-                        number = str(counters[f.path]).zfill(f.get("padding", 5))
-                        row[f.name] = f"{f.get('prefix', '')}{number}"
-                    elif f.has_default and f.name not in row and f.type not in ("formula",):
-                        row[f.name] = fieldtypes.get(f.type).coerce(f, f.default)
-                rows.append(row)
-            for row in rows:
-                for column, value in list(row.items()):
-                    if column.endswith("_id") and isinstance(value, str) and value in keys:
-                        row[column] = keys[value]
-            if rows:
-                columns = set().union(*rows)
-                connection.execute(
-                    tables.tables[name].insert(), [{c: r.get(c) for c in columns} for r in rows]
+            entity = model.entity(name)
+            items = sample.get(name, [])
+            if entity is None or not items:
+                continue
+            payloads = [_payload(entity, r, keys, today, zone) for r in items]
+            try:
+                created = records.create_many(
+                    connection, model, entity, payloads, caller, platform.cipher, bulk=True
                 )
-                total += len(rows)
+            except records.RecordInvalid as exc:
+                raise SampleError(f"{name}: {exc}") from None
+            for record, stored in zip(items, created, strict=True):
+                keys[record["_key"]] = uuid.UUID(stored["id"])
+            total += len(created)
     return total
