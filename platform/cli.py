@@ -14,17 +14,20 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
+from metacrm.metadata import jsondoc
 from metacrm.metadata.loader import validate_folder
-from metacrm.metadata.validation import BundleInvalid, Problem
+from metacrm.metadata.validation import BundleInvalid, Problem, validate_bundle
 from metacrm.runtime import metastore, settings, tenancy
 from metacrm.runtime.control import Membership, Tenant, User
 from metacrm.runtime.metastore import Actor
 from metacrm.runtime.migrator import DataCheckFailed
+from metacrm.runtime.passwords import generate_password, hash_password
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.tokens import create_token
 
 DEMO_SLUG = "demo"
 DEMO_EMAIL = "admin@demo.metacrm.local"
+MAX_BUNDLE_FILE = 10 * 1024 * 1024
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -62,13 +65,24 @@ def _tenant(platform: Platform, slug: str) -> Tenant:
     return tenant
 
 
-def _load(folder: str) -> dict[str, Any]:
-    loaded, problems = validate_folder(folder)
+def _load(path: str) -> dict[str, Any]:
+    """Read and validate a bundle folder, or a bundle JSON file (as ``meta export`` writes)."""
+    if Path(path).is_file():
+        try:
+            doc = jsondoc.loads(Path(path).read_bytes(), max_bytes=MAX_BUNDLE_FILE)
+        except OSError as exc:
+            _fail(f"cannot read {path}: {exc.strerror}")
+        except jsondoc.DocumentError as exc:
+            _fail(f"{path}: {exc}")
+        problems = validate_bundle(doc)
+    else:
+        loaded, problems = validate_folder(path)
+        doc = loaded.doc
     if problems:
-        click.echo(f"{folder}: {len(problems)} problem(s)")
+        click.echo(f"{path}: {len(problems)} problem(s)")
         _print_problems(problems)
         sys.exit(1)
-    return loaded.doc
+    return doc
 
 
 @click.group()
@@ -96,6 +110,8 @@ def serve(host: str | None, port: int | None, demo: bool) -> None:
     host = host or platform.settings.host
     port = port or platform.settings.port
     base = f"http://{host}:{port}"
+    for item in tenancy.list_tenants(platform):
+        platform.store(item).upgrade_platform_tables()
     if demo:
         email, password, token = _ensure_demo(platform)
         click.echo("")
@@ -113,31 +129,44 @@ def serve(host: str | None, port: int | None, demo: bool) -> None:
 
 
 def _ensure_demo(platform: Platform) -> tuple[str, str, str]:
-    """Create the demo tenant once; return its admin login and API token."""
+    """Create the demo tenant once; return its admin login and API token.
+
+    When the demo exists but its saved credentials are gone, the admin gets a new
+    password and a new token: the demo's data is never deleted behind anyone's back.
+    """
     from metacrm.runtime.demo import load_sample
 
     credentials = platform.settings.instance_dir / "demo_credentials.json"
+    if credentials.exists():
+        saved = json.loads(credentials.read_text("utf-8"))
+        with platform.session() as session:
+            if platform.tenant(session, DEMO_SLUG) is not None:
+                return saved["email"], saved["password"], saved["token"]
     with platform.session() as session:
         exists = platform.tenant(session, DEMO_SLUG) is not None
-    if exists and credentials.exists():
-        saved = json.loads(credentials.read_text("utf-8"))
-        return saved["email"], saved["password"], saved["token"]
-    if exists:
-        tenancy.delete_tenant(platform, DEMO_SLUG)
-    created = tenancy.create_tenant(
-        platform, DEMO_SLUG, "Demo Trading Co. 演示贸易公司", admin_email=DEMO_EMAIL
-    )
-    assert created.admin is not None
-    load_sample(platform, platform.store(created.tenant), created.admin.id)
+    if not exists:
+        created = tenancy.create_tenant(
+            platform, DEMO_SLUG, "Demo Trading Co. 演示贸易公司", admin_email=DEMO_EMAIL
+        )
+        assert created.admin is not None
+        load_sample(platform, platform.store(created.tenant), created.admin.id)
+    password = generate_password()
     with platform.session() as session:
         tenant = platform.tenant(session, DEMO_SLUG)
-        admin = session.get(User, created.admin.id)
+        admin = session.scalar(sa.select(User).where(User.email == DEMO_EMAIL))
+        if tenant is None or admin is None:
+            _fail(
+                f"the demo tenant exists without its admin {DEMO_EMAIL}; delete it with "
+                f"'metacrm tenant delete {DEMO_SLUG} --confirm' to start afresh"
+            )
+        admin.password_hash = hash_password(password)
         _, token = create_token(session, tenant, admin, "demo")
-    password = created.generated_password or "(unchanged)"
     credentials.write_text(
         json.dumps({"email": DEMO_EMAIL, "password": password, "token": token}), "utf-8"
     )
     credentials.chmod(0o600)
+    if exists:
+        click.echo("The demo tenant was kept; its admin got a new password and token.")
     return DEMO_EMAIL, password, token
 
 
@@ -178,11 +207,17 @@ def tenant_create(
         _print_problems(exc.problems)
         _fail(f"template {template!r} is not valid")
     if sample_data:
-        from metacrm.runtime.demo import load_sample
+        from metacrm.runtime.demo import SampleError, load_sample
 
-        count = load_sample(
-            platform, platform.store(created.tenant), created.admin.id if created.admin else None
-        )
+        try:
+            count = load_sample(
+                platform,
+                platform.store(created.tenant),
+                created.admin.id if created.admin else None,
+                template,
+            )
+        except SampleError as exc:
+            _fail(f"the tenant was created, but its sample data was not loaded: {exc}")
         click.echo(f"Loaded {count} sample records.")
     click.echo(f"Created tenant '{slug}' ({name}) from template '{template}'.")
     click.echo(f"Admin: {admin_email.lower()}")
@@ -214,6 +249,20 @@ def tenant_delete(ctx: click.Context, slug: str, confirm: bool) -> None:
     except tenancy.TenantError as exc:
         _fail(str(exc))
     click.echo(f"Deleted tenant '{slug}'.")
+
+
+@tenant.command("upgrade")
+@click.argument("slug", required=False)
+@click.pass_context
+def tenant_upgrade(ctx: click.Context, slug: str | None) -> None:
+    """Add the platform tables a newer metacrm needs (all tenants, or one)."""
+    platform = _platform(ctx)
+    chosen = [t for t in tenancy.list_tenants(platform) if slug is None or t.slug == slug]
+    if slug is not None and not chosen:
+        _fail(f"there is no tenant '{slug}'")
+    for item in chosen:
+        platform.store(item).upgrade_platform_tables()
+    click.echo(f"Upgraded {len(chosen)} tenant(s).")
 
 
 # -- token ----------------------------------------------------------------------------------
@@ -260,7 +309,7 @@ def meta() -> None:
 
 
 @meta.command("validate")
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder", type=click.Path(exists=True))
 def meta_validate(folder: str) -> None:
     """Validate a bundle folder and list every problem."""
     _load(folder)
@@ -284,7 +333,7 @@ def _print_plan(plan: Any, failures: list[Any] = ()) -> None:
 @meta.command("plan")
 @click.option("--tenant", "slug", required=True)
 @click.option("--purge", multiple=True, help="Archived 'entity' or 'entity.field' to drop.")
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder", type=click.Path(exists=True))
 @click.pass_context
 def meta_plan(ctx: click.Context, slug: str, purge: tuple[str, ...], folder: str) -> None:
     """Show what publishing a bundle folder would do."""
@@ -309,7 +358,7 @@ def meta_plan(ctx: click.Context, slug: str, purge: tuple[str, ...], folder: str
 @click.option("--comment", default="")
 @click.option("--confirm-destructive", is_flag=True)
 @click.option("--purge", multiple=True, help="Archived 'entity' or 'entity.field' to drop.")
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder", type=click.Path(exists=True))
 @click.pass_context
 def meta_publish(
     ctx: click.Context,
@@ -333,11 +382,12 @@ def meta_publish(
             confirm_destructive=confirm_destructive,
             purge=purge,
             lock_timeout_ms=_platform(ctx).settings.ddl_lock_timeout_ms,
-        )
+        ),
+        expected_version,
     )
 
 
-def _run_publish(call: Any) -> None:
+def _run_publish(call: Any, expected_version: int) -> None:
     try:
         version = call()
     except BundleInvalid as exc:
@@ -354,6 +404,9 @@ def _run_publish(call: Any) -> None:
             if failure.sample_ids:
                 click.echo(f"      e.g. records {', '.join(failure.sample_ids)}")
         _fail("the data does not allow this change; nothing was changed")
+    if version.version == expected_version:
+        click.echo(f"No changes: version {version.version} stays published.")
+        return
     click.echo(f"Published version {version.version} ({len(version.operations)} operations).")
 
 
@@ -392,10 +445,16 @@ def meta_diff(ctx: click.Context, slug: str, from_version: int, to_version: int)
 @click.option("--tenant", "slug", required=True)
 @click.option("--to", "to_version", type=int, required=True)
 @click.option("--expected-version", type=int, required=True)
+@click.option("--comment", default="", help="Why (kept with the version).")
 @click.option("--confirm-destructive", is_flag=True)
 @click.pass_context
 def meta_rollback(
-    ctx: click.Context, slug: str, to_version: int, expected_version: int, confirm_destructive: bool
+    ctx: click.Context,
+    slug: str,
+    to_version: int,
+    expected_version: int,
+    comment: str,
+    confirm_destructive: bool,
 ) -> None:
     """Publish an earlier version again, as a new version."""
     store = _platform(ctx).store(_tenant(_platform(ctx), slug))
@@ -405,8 +464,11 @@ def meta_rollback(
             to_version,
             expected_version=expected_version,
             actor=Actor(None, "cli"),
+            comment=comment,
             confirm_destructive=confirm_destructive,
-        )
+            lock_timeout_ms=_platform(ctx).settings.ddl_lock_timeout_ms,
+        ),
+        expected_version,
     )
 
 

@@ -10,10 +10,12 @@ import datetime as dt
 import decimal
 import hashlib
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nh3
 import sqlalchemy as sa
 
 from metacrm.metadata.coltypes import ExactDecimal, JSONValue, UTCDateTime
@@ -243,6 +245,22 @@ def _string_list(f: FieldDef, value: Any, allowed: set[str] | None) -> list[str]
     return value
 
 
+def _rich_text(f: FieldDef, value: Any) -> str:
+    """Check length, then keep only safe HTML (no scripts, handlers or javascript: links)."""
+    return nh3.clean(_text(f, value))
+
+
+def _user(f: FieldDef, value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return value
+    if not isinstance(value, str) or len(value) > 36:
+        raise ValueProblem("must be a user id (a UUID string)")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValueProblem("must be a user id (a UUID string)") from None
+
+
 def _json(f: FieldDef, value: Any) -> Any:
     return value
 
@@ -337,7 +355,9 @@ def _decimal_type(name: str) -> FieldType:
     )
 
 
-def _large_text_type(name: str, text_like: bool) -> FieldType:
+def _large_text_type(
+    name: str, text_like: bool, coerce: Callable[[FieldDef, Any], Any] = _text
+) -> FieldType:
     """A type stored as TEXT, which is neither indexed nor sorted: long and rich text."""
     return FieldType(
         name,
@@ -347,7 +367,7 @@ def _large_text_type(name: str, text_like: bool) -> FieldType:
         sortable=False,
         text_like=text_like,
         column_type=lambda f: sa.Text(),
-        coerce=_text,
+        coerce=coerce,
     )
 
 
@@ -369,7 +389,7 @@ def _json_type(
 for _ft in (
     _string_type("text", _text, keys=frozenset({"max_length", "min_length", "pattern"})),
     _large_text_type("long_text", text_like=True),
-    _large_text_type("rich_text", text_like=False),
+    _large_text_type("rich_text", text_like=False, coerce=_rich_text),
     FieldType(
         "integer", "INTEGER", _NUMBER_KEYS, column_type=lambda f: sa.BigInteger(), coerce=_integer
     ),
@@ -379,9 +399,9 @@ for _ft in (
     FieldType("boolean", "BOOLEAN", column_type=lambda f: sa.Boolean(), coerce=_boolean),
     FieldType("date", "DATE", column_type=lambda f: sa.Date(), coerce=_date),
     FieldType("datetime", "DATETIME", column_type=lambda f: UTCDateTime(), coerce=_datetime),
-    _string_type("email", _matching(_EMAIL, "email")),
-    _string_type("phone", _matching(_PHONE, "phone")),
-    _string_type("url", _matching(_URL, "URL")),
+    _string_type("email", _matching(_EMAIL, "email"), keys=frozenset()),
+    _string_type("phone", _matching(_PHONE, "phone"), keys=frozenset()),
+    _string_type("url", _matching(_URL, "URL"), keys=frozenset()),
     FieldType(
         "single_select",
         "TEXT",
@@ -406,7 +426,7 @@ for _ft in (
         sortable=False,
     ),
     RelatedToFieldType("related_to", "UUID", frozenset({"targets"}), sortable=False),
-    FieldType("user", "UUID", column_type=lambda f: sa.Uuid()),
+    FieldType("user", "UUID", column_type=lambda f: sa.Uuid(), coerce=_user),
     FieldType(
         "formula", "TEXT", frozenset({"expression", "result_type"}), stored=False, indexable=False
     ),

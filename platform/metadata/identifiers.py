@@ -100,7 +100,7 @@ def identifier_problem(name: object) -> str | None:
             return "must start with a letter a-z"
         return "may contain only lower-case letters a-z, digits and underscores"
     if name in RESERVED:
-        return f"'{name}' is a reserved word"
+        return "is a reserved word"
     return None
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from metacrm.metadata import jsondoc
 from metacrm.metadata.model import BUNDLE_FORMAT
-from metacrm.metadata.validation import Problem, validate_bundle
+from metacrm.metadata.validation import Problem, schema_problems, validate_bundle
 
 FOLDERS = {
     "entities": "entity",
@@ -70,12 +70,38 @@ def load_folder(folder: Traversable | Path | str) -> LoadedBundle:
         loaded.problems.append(Problem(str(folder), "is not a folder"))
         return loaded
     manifest_file = root / "bundle.json"
-    if manifest_file.is_file():
+    if not manifest_file.is_file():
+        loaded.problems.append(
+            Problem(
+                "bundle.json",
+                "is missing: every bundle folder needs "
+                "a manifest with its name, version and labels",
+            )
+        )
+    else:
         manifest = _read(manifest_file, "bundle.json", loaded.problems)
-        if isinstance(manifest, dict):
-            loaded.manifest = manifest
-            if manifest.get("kind") != "bundle":
-                loaded.problems.append(Problem("bundle.json#/kind", 'must be "bundle"'))
+        if manifest is not None:
+            loaded.problems.extend(
+                Problem(f"bundle.json#{p.pointer}", p.message)
+                for p in schema_problems(manifest, "manifest")
+            )
+            if isinstance(manifest, dict):
+                loaded.manifest = manifest
+    known = {"bundle.json", *(f"{k}.json" for k in SINGLES), *FOLDERS, "sample"}
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if (
+            entry.name not in known
+            and not entry.name.startswith((".", "_"))
+            and (entry.name.endswith(".json") or entry.is_dir())
+        ):
+            expected = ", ".join(f"{k}/" for k in sorted(FOLDERS))
+            loaded.problems.append(
+                Problem(
+                    entry.name,
+                    f"is not part of a bundle: documents go "
+                    f"in {expected}, settings.json or branding.json",
+                )
+            )
     for key, kind in SINGLES.items():
         source = root / f"{key}.json"
         if source.is_file():

@@ -104,7 +104,26 @@ class _Planner:
     def refuse(self, where: str, message: str, hint: str | None = None) -> None:
         self.problems.append(Problem(where, message, hint))
 
+    def _drop_purged(self) -> None:
+        """Treat archived items named in ``purge`` as absent, however the client sent them.
+
+        A client that fetched the bundle, kept an archived field in it and asked to
+        purge that field means the same as one that left it out.
+        """
+        kept = []
+        for edoc in self.new["entities"]:
+            if edoc["name"] in self.purge and edoc.get("archived"):
+                continue
+            edoc["fields"] = [
+                f
+                for f in edoc["fields"]
+                if not (f.get("archived") and f"{edoc['name']}.{f['name']}" in self.purge)
+            ]
+            kept.append(edoc)
+        self.new["entities"] = kept
+
     def run(self) -> Plan:
+        self._drop_purged()
         new_entities = {e["name"]: e for e in self.new["entities"]}
         for index, edoc in enumerate(self.new["entities"]):
             old = self.old.entities.get(edoc["name"])
@@ -188,6 +207,14 @@ class _Planner:
 
     def compare_entity(self, old: EntityDef, edoc: dict[str, Any], where: str) -> None:
         name = edoc["name"]
+        if not old.archived and edoc.get("archived"):
+            self.add(
+                Operation(
+                    "archive_entity",
+                    f"Archive entity '{_label(edoc)}' ({name}): hide it, keep its records",
+                    name,
+                )
+            )
         if old.archived and not edoc.get("archived"):
             self.add(
                 Operation(
@@ -254,8 +281,20 @@ class _Planner:
                 )
             edoc["fields"].append(archived)
             self.carried = True
-        old_order = [f for f in old.fields if f in new_fields]
-        new_order = [f for f in new_fields if f in old.fields]
+
+        def live(names: Any) -> list[str]:
+            """Names in both versions and archived in neither, in the given order."""
+            return [
+                n
+                for n in names
+                if n in old.fields
+                and n in new_fields
+                and not old.fields[n].archived
+                and not new_fields[n].get("archived")
+            ]
+
+        old_order = live(old.fields)
+        new_order = live(new_fields)
         if old_order != new_order:
             self.add(Operation("reorder_fields", f"Reorder the fields of '{_label(edoc)}'", name))
         old_indexes = {i["name"]: i for i in old.indexes}
@@ -341,6 +380,15 @@ class _Planner:
 
     def compare_field(self, old: FieldDef, new: FieldDef, where: str) -> None:
         path = new.path
+        if not old.archived and new.archived:
+            self.add(
+                Operation(
+                    "archive_field",
+                    f"Archive field '{_label(new.doc)}' ({path}): hide it, keep its data",
+                    new.entity,
+                    new.name,
+                )
+            )
         if old.archived and not new.archived:
             self.add(
                 Operation(

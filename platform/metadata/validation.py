@@ -199,8 +199,11 @@ class _SemanticChecker:
         self.check_roles()
         self.check_rules()
         self.check_settings()
+        # Expressions of an entity with a broken field would only report that field
+        # again as unknown, so they wait until the field is fixed.
+        complete = {n: e for n, e in self.entities.items() if n not in self.skipped_fields}
         for where, message, hint in check_bundle_expressions(
-            self.doc, self.positions, self.entities, self.field_pointers
+            self.doc, self.positions, complete, self.field_pointers
         ):
             self.add(where, message, hint)
         return self.problems
@@ -284,9 +287,12 @@ class _SemanticChecker:
                         f"with another table of the same name",
                     )
                 table_names[link] = fwhere
+        skipped = self.skipped_fields.get(entity.name, set())
         title = entity.doc["title_field"]
         title_field = entity.fields.get(title)
-        if title_field is None:
+        if title_field is None and title in skipped:
+            pass  # the field's own problem is reported already
+        elif title_field is None:
             self.add(
                 where + "/title_field",
                 f"title field '{title}' is not a field of '{entity.name}'",
@@ -301,6 +307,8 @@ class _SemanticChecker:
             )
         for k, name in enumerate(entity.doc.get("search_fields", [])):
             f = entity.fields.get(name)
+            if f is None and name in skipped:
+                continue
             if f is None:
                 self.add(
                     f"{where}/search_fields/{k}",

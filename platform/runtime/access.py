@@ -12,7 +12,12 @@ from typing import Any
 
 def capabilities(bundle: Mapping[str, Any], role_names: Iterable[str]) -> set[str]:
     """Return the capabilities of the given roles, inherited roles included."""
-    roles = {r["name"]: r for r in bundle.get("roles", [])}
+    listed = bundle.get("roles", []) if isinstance(bundle, Mapping) else []
+    roles = {
+        r["name"]: r
+        for r in (listed if isinstance(listed, list) else [])
+        if isinstance(r, Mapping) and isinstance(r.get("name"), str)
+    }
     granted: set[str] = set()
     pending = list(role_names)
     seen: set[str] = set()
@@ -21,6 +26,11 @@ def capabilities(bundle: Mapping[str, Any], role_names: Iterable[str]) -> set[st
         if name in seen or name not in roles:
             continue
         seen.add(name)
-        granted.update(roles[name].get("capabilities", []))
-        pending.extend(roles[name].get("inherits", []))
+        for key, target in (("capabilities", granted), ("inherits", None)):
+            values = roles[name].get(key, [])
+            strings = [v for v in values if isinstance(v, str)] if isinstance(values, list) else []
+            if target is not None:
+                target.update(strings)
+            else:
+                pending.extend(strings)
     return granted

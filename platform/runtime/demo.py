@@ -12,14 +12,12 @@ import datetime as dt
 import json
 import uuid
 import zoneinfo
-from importlib import resources
 from typing import Any
 
+from metacrm.metadata.loader import template_folder
 from metacrm.runtime import records
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.store import TenantStore
-
-ORDER = ("customer", "contact", "deal", "interaction", "task")
 
 
 class SampleError(ValueError):
@@ -61,10 +59,44 @@ def _payload(
     return payload
 
 
-def load_sample(platform: Platform, store: TenantStore, owner_id: uuid.UUID | None) -> int:
-    """Insert the core sample records into a tenant; return how many were inserted."""
-    source = resources.files("metacrm.bundles") / "core" / "sample" / "records.json"
-    sample = json.loads(source.read_text("utf-8"))
+def _order(model: Any, names: list[str]) -> list[str]:
+    """Order entities so that every lookup points at an entity loaded earlier."""
+    done: list[str] = []
+    pending = list(names)
+    while pending:
+        for name in pending:
+            entity = model.entity(name)
+            targets = (
+                {f.get("target") for f in entity.entity.active_fields() if f.type == "lookup"}
+                if entity
+                else set()
+            )
+            targets |= {
+                t
+                for f in (entity.entity.active_fields() if entity else [])
+                if f.type == "related_to"
+                for t in f.get("targets", [])
+            }
+            if not (targets - {name}) & (set(pending) - {name}):
+                done.append(name)
+                pending.remove(name)
+                break
+        else:
+            raise SampleError(
+                "sample entities point at each other in a cycle: " + ", ".join(pending)
+            )
+    return done
+
+
+def load_sample(
+    platform: Platform, store: TenantStore, owner_id: uuid.UUID | None, template: str = "core"
+) -> int:
+    """Insert a template's sample records into a tenant; return how many were inserted."""
+    try:
+        source = template_folder(template) / "sample" / "records.json"
+        sample = json.loads(source.read_text("utf-8"))
+    except (KeyError, FileNotFoundError):
+        raise SampleError(f"the template {template!r} has no sample data") from None
     caller = records.Caller(owner_id, "sample data")
     total = 0
     with store.begin(immediate=True) as connection:
@@ -72,7 +104,10 @@ def load_sample(platform: Platform, store: TenantStore, owner_id: uuid.UUID | No
         zone = zoneinfo.ZoneInfo(model.settings.get("timezone", "UTC"))
         today = dt.datetime.now(zone).date()
         keys: dict[str, uuid.UUID] = {}
-        for name in ORDER:
+        unknown = [name for name in sample if model.entity(name) is None]
+        if unknown:
+            raise SampleError(f"no entity {unknown[0]!r} in this tenant")
+        for name in _order(model, list(sample)):
             entity = model.entity(name)
             items = sample.get(name, [])
             if entity is None or not items:

@@ -321,6 +321,7 @@ def rollback(
     actor: Actor = SYSTEM_ACTOR,
     comment: str = "",
     confirm_destructive: bool = False,
+    lock_timeout_ms: int = 2000,
 ) -> Version:
     """Publish an earlier version's bundle as a new version, through the same planner."""
     with store.connect() as connection:
@@ -335,4 +336,5 @@ def rollback(
         comment=comment or f"roll back to version {to_version}",
         confirm_destructive=confirm_destructive,
         action="rollback",
+        lock_timeout_ms=lock_timeout_ms,
     )

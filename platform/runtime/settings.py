@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 ENV_PREFIX = "METACRM_"
 SECRET_KEYS = frozenset({"secret_key"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -159,6 +160,12 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
             "setting tenant_schema_prefix: use 1-10 lower-case letters, digits "
             "and underscores, starting with a letter"
         )
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise SettingsError(
+            f"setting log_level from {sources.get('log_level')}: "
+            f"{settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+        )
+    changes["log_level"] = settings.log_level.upper()
     if not 1 <= settings.port <= 65535:
         raise SettingsError(f"setting port: {settings.port} is not a TCP port")
     if settings.max_request_bytes < 1024:

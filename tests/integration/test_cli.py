@@ -393,8 +393,8 @@ def test_meta_validate_reports_malformed_json_files(cli, tmp_path):
 
 
 def test_meta_validate_of_missing_folder_fails(cli, tmp_path):
-    result = cli("meta", "validate", str(tmp_path / "nope"), code=1)
-    assert "is not a folder" in result.stdout
+    result = cli("meta", "validate", str(tmp_path / "nope"), code=2)
+    assert "does not exist" in result.output
 
 
 # -- meta plan, publish, history, diff, rollback, export ------------------------------------

@@ -24,6 +24,13 @@ from metacrm.runtime.migrator import DataCheckFailed
 bp = Blueprint("meta_api", __name__, url_prefix="/t/<tenant>/api/v1/meta")
 
 MAX_BUNDLE_BYTES = 4 * 1024 * 1024
+_TYPE_NAMES = {
+    int: "a whole number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _context(tenant: str, manage: bool = False) -> RequestContext:
@@ -86,7 +93,8 @@ def _field(
         return default
     value = body[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
         abort(
             422,
             "validation_failed",
@@ -207,8 +215,18 @@ def _publish_errors(call: Any) -> metastore.Version:
         abort(503, "schema_busy", "The tables are busy", str(exc))
 
 
+def _published(tenant: str, version: metastore.Version, expected: int) -> Response:
+    """Answer a publish or rollback: 201 and a Location for a new version, 200 for none."""
+    body = _version_body(version, with_bundle=False)
+    body["changed"] = version.version != expected
+    response = jsonify(body)
+    response.headers["Location"] = url_for(".get_version", tenant=tenant, number=version.version)
+    response.status_code = 201 if body["changed"] else 200
+    return response
+
+
 @bp.post("/publish")
-def publish(tenant: str) -> tuple[Response, int, dict[str, str]]:
+def publish(tenant: str) -> Response:
     """Apply a bundle as the next version; nothing changes when anything is refused."""
     context = _context(tenant, manage=True)
     body = _body()
@@ -217,6 +235,9 @@ def publish(tenant: str) -> tuple[Response, int, dict[str, str]]:
     comment = _field(body, "comment", str, "")[:1000]
     confirm = _field(body, "confirm_destructive", bool, False)
     purge = _purge(body)
+    problems = validate_bundle(bundle)
+    if problems:
+        _invalid(BundleInvalid(problems))
     _keep_own_access(context, bundle)
     version = _publish_errors(
         lambda: metastore.publish(
@@ -230,12 +251,11 @@ def publish(tenant: str) -> tuple[Response, int, dict[str, str]]:
             lock_timeout_ms=platform().settings.ddl_lock_timeout_ms,
         )
     )
-    location = url_for(".get_version", tenant=tenant, number=version.version)
-    return jsonify(_version_body(version, with_bundle=False)), 201, {"Location": location}
+    return _published(tenant, version, expected)
 
 
 @bp.post("/rollback")
-def rollback(tenant: str) -> tuple[Response, int]:
+def rollback(tenant: str) -> Response:
     """Publish an earlier version's bundle as a new version."""
     context = _context(tenant, manage=True)
     body = _body()
@@ -259,9 +279,10 @@ def rollback(tenant: str) -> tuple[Response, int]:
             actor=_actor(context),
             comment=comment,
             confirm_destructive=confirm,
+            lock_timeout_ms=platform().settings.ddl_lock_timeout_ms,
         )
     )
-    return jsonify(_version_body(version, with_bundle=False)), 201
+    return _published(tenant, version, expected)
 
 
 @bp.get("/versions")

@@ -17,7 +17,6 @@ def index() -> Response:
     return jsonify(
         {
             "service": "metacrm",
-            "tenant_api": "/t/{tenant}/api/v1/",
             "metadata_api": "/t/{tenant}/api/v1/meta/",
             "health": "/healthz",
         }

@@ -365,7 +365,7 @@ def test_index_describes_the_api(app):
     assert response.status_code == 200
     body = response.get_json()
     assert body["service"] == "metacrm"
-    assert body["tenant_api"] == "/t/{tenant}/api/v1/"
+    assert "tenant_api" not in body  # /t/{tenant}/api/v1/ itself is not an endpoint
     assert body["metadata_api"] == "/t/{tenant}/api/v1/meta/"
     assert body["health"] == "/healthz"
 
@@ -595,8 +595,9 @@ def test_removing_a_field_plans_no_reorder(api):
 def test_publish_of_unchanged_bundle_creates_no_version(shared):
     before = shared.state()
     response = shared.publish(shared.current()["bundle"])
-    assert response.status_code == 201
+    assert response.status_code == 200
     assert response.get_json()["version"] == 1
+    assert response.get_json()["changed"] is False
     assert shared.state() == before
 
 

@@ -502,3 +502,26 @@ def test_publishing_the_same_bundle_changes_nothing(blank_store, minimal_bundle)
     result = publish(blank_store, minimal_bundle)
     assert result.version == before
     assert version(blank_store) == before
+
+
+def test_purge_works_with_the_archived_field_still_in_the_bundle(blank_store, minimal_bundle):
+    insert(blank_store, "lead", {"name": "A", "city": "Hangzhou"})
+    field(minimal_bundle, "city")["archived"] = True
+    result = publish(blank_store, minimal_bundle)
+    assert [op["kind"] for op in result.operations] == ["archive_field"]
+    with blank_store.connect() as connection:
+        fetched = metastore.current(connection).bundle  # as a client would fetch and resend
+    result = publish(blank_store, fetched, purge=["lead.city"], confirm_destructive=True)
+    assert [op["kind"] for op in result.operations] == ["purge_field"]
+    assert "city" not in columns(blank_store, "lead")
+
+
+def test_diff_lists_archive_steps_without_spurious_reorders(blank_store, minimal_bundle):
+    start = version(blank_store)
+    lead(minimal_bundle)["fields"] = [
+        f for f in lead(minimal_bundle)["fields"] if f["name"] != "score"
+    ]
+    publish(blank_store, minimal_bundle)
+    with blank_store.connect() as connection:
+        plan = metastore.diff(connection, start, start + 1)
+    assert [op.kind for op in plan.operations] == ["archive_field"]

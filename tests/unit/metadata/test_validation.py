@@ -254,3 +254,32 @@ def test_deep_nesting_built_in_python_is_refused_without_recursion():
     )
     (problem,) = validate_bundle(doc)
     assert "deeper than 64" in problem.message
+
+
+def test_a_broken_field_is_reported_once_not_again_as_missing():
+    doc = bundle(entity("lead", text("city"), search_fields=["name", "city"]))
+    doc["entities"][0]["fields"][1]["type"] = "txet"
+    doc["entities"][0]["title_field"] = "city"
+    problems = validate_bundle(doc)
+    assert [p.pointer for p in problems] == ["/entities/0/fields/1/type"]
+
+
+def test_reserved_word_message_names_the_word_once():
+    (problem,) = validate_bundle(bundle(entity("lead", text("select"))))
+    assert problem.message == "field name 'select' is a reserved word"
+
+
+def test_folder_needs_a_valid_manifest_and_no_stray_folders(tmp_path):
+    import shutil
+
+    from metacrm.metadata.loader import template_folder, validate_folder
+
+    shutil.copytree(str(template_folder("core")), tmp_path / "b")
+    (tmp_path / "b" / "rule").mkdir()
+    (tmp_path / "b" / "bundle.json").write_text('{"kind": "bundle", "format": 7}')
+    _, problems = validate_folder(tmp_path / "b")
+    where = {p.pointer for p in problems}
+    assert "rule" in where and "bundle.json#/format" in where
+    (tmp_path / "b" / "bundle.json").unlink()
+    _, problems = validate_folder(tmp_path / "b")
+    assert "bundle.json" in {p.pointer for p in problems}
