@@ -55,7 +55,11 @@ def scope_for(entities: Mapping[str, EntityDef], name: str, depth: int = 1) -> S
     entity = entities[name]
     fields: dict[str, FieldInfo] = {n: FieldInfo(t) for n, t in SYSTEM_FIELD_TYPES.items()}
     for f in entity.active_fields():
-        if f.type not in fieldtypes.names():
+        if f.type not in fieldtypes.names() or f.type == "related_to":
+            # A related-to value is two columns (entity, id): not one comparable value.
+            continue
+        if depth == 0 and f.type == "formula":
+            # One hop reaches stored columns only; formulas of the target are not inlined.
             continue
         target = None
         if f.type == "lookup" and depth > 0 and f.get("target") in entities:

@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.engine import Connection
-from sqlalchemy.schema import CreateIndex, CreateTable
 
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.conversions import conversion
@@ -27,6 +26,9 @@ from metacrm.metadata.fieldtypes import ON_DELETE, ValueProblem, constraint_name
 from metacrm.metadata.model import Bundle, FieldDef
 from metacrm.metadata.plan import Operation, Plan
 from metacrm.metadata.tables import build_tables, field_indexes, link_table_name
+from metacrm.runtime.model import compile_model
+from metacrm.runtime.search import ensure_search_indexes
+from metacrm.runtime.store import create_tables
 
 SAMPLE_SIZE = 10
 #: Operations that change how an existing column is stored: SQLite rebuilds the table.
@@ -218,34 +220,8 @@ class _Applier:
             self.rebuild_sqlite_table(table_name, conversions)
 
     def create_tables(self, tables: list[sa.Table]) -> None:
-        """Create new tables with their indexes, in foreign-key order.
-
-        On PostgreSQL the statements go as one batch: a tenant's first publish
-        creates dozens of tables and indexes, and one round trip instead of one
-        per statement is most of what separates it from hand-written DDL.
-        """
-        if self.sqlite:
-            self.new_md.create_all(self.conn, tables=tables, checkfirst=False)
-            return
-        wanted = set(tables)
-        statements = []
-        for table in self.new_md.sorted_tables:
-            if table not in wanted:
-                continue
-            statements.append(CreateTable(table))
-            statements.extend(CreateIndex(index) for index in table.indexes)
-        translate = {None: self.schema}
-        script = ";\n".join(
-            str(
-                s.compile(
-                    dialect=self.conn.dialect,
-                    schema_translate_map=translate,
-                    render_schema_translate=True,
-                )
-            ).strip()
-            for s in statements
-        )
-        self.conn.exec_driver_sql(script)
+        """Create new tables with their indexes, in foreign-key order."""
+        create_tables(self.conn, self.new_md, tables, self.schema)
 
     # -- adding ---------------------------------------------------------------------------
 
@@ -448,8 +424,13 @@ class _Applier:
 
 
 def apply_plan(connection: Connection, schema: str | None, old: Bundle, plan: Plan) -> None:
-    """Apply ``plan`` to the tenant's tables inside the caller's transaction."""
+    """Apply ``plan`` to the tenant's tables inside the caller's transaction.
+
+    Search indexes follow the new shape in the same transaction (a SQLite table
+    rebuild drops the triggers that keep them in sync).
+    """
     _Applier(connection, schema, old, plan).run()
+    ensure_search_indexes(connection, compile_model(0, plan.result))
 
 
 def foreign_key_violations(connection: Connection) -> list[tuple[Any, ...]]:

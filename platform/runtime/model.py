@@ -21,9 +21,8 @@ from sqlalchemy.engine import Connection
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.expression import Scope
 from metacrm.metadata.expressions import scope_for
-from metacrm.metadata.model import Bundle, EntityDef, FieldDef
+from metacrm.metadata.model import Bundle, EntityDef, FieldDef, empty_bundle
 from metacrm.metadata.tables import build_tables, link_table_name
-from metacrm.runtime import metastore
 from metacrm.runtime.store import TenantStore, meta_version
 
 CACHE_SIZE = 256
@@ -108,8 +107,10 @@ class ModelCache:
             if model is not None:
                 self._models.move_to_end(key)
                 return model
-        published = metastore.get(connection, version or 0)
-        model = compile_model(published.version, published.bundle)
+        row = connection.execute(
+            sa.select(meta_version.c.bundle).where(meta_version.c.version == version)
+        ).first()
+        model = compile_model(version or 0, row.bundle if row else empty_bundle())
         with self._lock:
             self._models[key] = model
             while len(self._models) > self._size:

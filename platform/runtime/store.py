@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from metacrm.metadata.coltypes import JSONValue, UTCDateTime
 
@@ -94,6 +95,39 @@ idempotency = sa.Table(
 )
 
 
+def create_tables(
+    connection: Connection, metadata: sa.MetaData, tables: list[sa.Table], schema: str | None
+) -> None:
+    """Create tables with their indexes, in foreign-key order, in one round trip if possible.
+
+    On PostgreSQL the statements go as one batch: a tenant's first publish creates
+    dozens of tables and indexes, and one round trip instead of one per statement
+    is most of what separates it from hand-written DDL. SQLite's driver runs one
+    statement per call, so there the usual path is as fast.
+    """
+    if connection.dialect.name != "postgresql":
+        metadata.create_all(connection, tables=tables, checkfirst=False)
+        return
+    wanted = set(tables)
+    statements: list[sa.schema.ExecutableDDLElement] = []
+    for table in metadata.sorted_tables:
+        if table in wanted:
+            statements.append(CreateTable(table))
+            statements.extend(CreateIndex(index) for index in table.indexes)
+    translate = {None: schema}
+    script = ";\n".join(
+        str(
+            s.compile(
+                dialect=connection.dialect,
+                schema_translate_map=translate,
+                render_schema_translate=True,
+            )
+        ).strip()
+        for s in statements
+    )
+    connection.exec_driver_sql(script)
+
+
 @dataclass(frozen=True)
 class TenantStore:
     """The connection details of one tenant's namespace."""
@@ -131,7 +165,7 @@ class TenantStore:
 
     def create_platform_tables(self, connection: Connection) -> None:
         """Create the platform's own tables in a new namespace."""
-        PLATFORM.create_all(connection, checkfirst=False)
+        create_tables(connection, PLATFORM, PLATFORM.sorted_tables, self.schema)
 
     def upgrade_platform_tables(self) -> None:
         """Add platform tables that a newer metacrm needs to an existing namespace."""

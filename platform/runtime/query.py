@@ -1,0 +1,837 @@
+"""Record lists: filter, sort, keyset pages, quick search, include, counts, related records.
+
+Everything a list asks for becomes one SELECT: the filter is compiled from the
+expression language into the WHERE clause, the row-level ``scope`` is ANDed
+in, the sort is an ORDER BY that always ends in ``id`` so the order is total,
+and the next page starts strictly after the last row's sort key (keyset
+pagination; never OFFSET). For ``status = "new"`` sorted by ``-created_at`` the
+SQL is what a person would write::
+
+    SELECT deal.id, … FROM deal
+    WHERE deal.deleted_at IS NULL AND deal.status = ?
+    ORDER BY deal.created_at DESC, deal.id DESC LIMIT 51
+
+Text sorts by code point everywhere (``COLLATE "C"`` on PostgreSQL), the rule
+the expression language compares text by, and NULLs sort last ascending and
+first descending on both backends (PostgreSQL's own default, which SQLite is
+told explicitly), so a cursor's "after this row" means the same as ORDER BY.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import difflib
+import json
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement
+
+from metacrm.metadata import fieldtypes
+from metacrm.metadata.expression import (
+    EvalContext,
+    ExpressionError,
+    Node,
+    Scope,
+    ValueType,
+    check,
+    compile_sql,
+    parse,
+    unparse,
+)
+from metacrm.metadata.expression.construct import CodepointOrder
+from metacrm.metadata.expression.nodes import children
+from metacrm.runtime import cursor as cursors
+from metacrm.runtime import search
+from metacrm.runtime.model import EntityModel, TenantModel
+from metacrm.runtime.recordview import (
+    SYSTEM_FIELDS,
+    attach_relations,
+    column_resolver,
+    formula_expression,
+    select_columns,
+    to_json,
+)
+
+DEFAULT_SORT = "-created_at"
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+MAX_SORT_KEYS = 8
+MAX_SORT_LENGTH = 1000
+MAX_SEARCH_LENGTH = 200
+#: System columns a list can be sorted by, with their expression types.
+SYSTEM_SORTS = {
+    "id": ValueType.UUID,
+    "owner_id": ValueType.UUID,
+    "created_at": ValueType.DATETIME,
+    "updated_at": ValueType.DATETIME,
+    "deleted_at": ValueType.DATETIME,
+}
+INCLUDED = "_included"
+
+#: The Python type a sort key of each expression type reads back as (checked in cursors).
+_VALUE_KINDS: dict[ValueType, type] = {
+    ValueType.TEXT: str,
+    ValueType.INTEGER: int,
+    ValueType.DECIMAL: decimal.Decimal,
+    ValueType.BOOLEAN: bool,
+    ValueType.DATE: dt.date,
+    ValueType.DATETIME: dt.datetime,
+    ValueType.UUID: uuid.UUID,
+}
+#: What SQLite says when a statement is too deeply nested for its parser or code generator.
+_SQLITE_TOO_COMPLEX = ("parser stack overflow", "too many", "too large", "too deep")
+_PG_TOO_COMPLEX = "stack depth limit exceeded"
+_PG_QUERY_CANCELED = "57014"
+
+
+class QueryError(ValueError):
+    """A list request that cannot be answered as asked: the API's 400 problem.
+
+    ``code`` is stable (``invalid_filter``, ``invalid_sort``, ``invalid_fields``,
+    ``invalid_include``, ``invalid_limit``, ``invalid_cursor``, ``invalid_search``,
+    ``not_related``, ``count_timeout``); ``pointer`` names the request parameter
+    (``/filter``; empty when no one parameter is at fault); ``line`` and
+    ``column`` locate an error inside an expression.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        pointer: str = "",
+        line: int | None = None,
+        column: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.pointer = pointer
+        self.line = line
+        self.column = column
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the error as the members of a problem document."""
+        found: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.pointer:
+            found["pointer"] = self.pointer
+        if self.line is not None:
+            found["line"] = self.line
+            found["column"] = self.column
+        return found
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """What a client asks of a list; every part is checked against the entity."""
+
+    filter: str | None = None
+    sort: str | None = None
+    fields: tuple[str, ...] | None = None
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+    q: str | None = None
+    include: tuple[str, ...] = ()
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of records and the cursor of the next page (None on the last)."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+# -- public API ---------------------------------------------------------------------------
+
+
+def list_records(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    request: ListRequest,
+    ctx: EvalContext,
+    secret: bytes,
+    scope: ColumnElement[bool] | None = None,
+) -> Page:
+    """Return one page of an entity's records as JSON; QueryError when the request is wrong."""
+    return _list(connection, model, entity, request, ctx, secret, scope, None, None)
+
+
+def count_records(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    filter: str | None,
+    ctx: EvalContext,
+    *,
+    exact: bool = False,
+    threshold: int = 1000,
+    scope: ColumnElement[bool] | None = None,
+    timeout_ms: int = 2000,
+    q: str | None = None,
+    deleted: bool = False,
+) -> tuple[int, bool]:
+    """Count matching records: (value, is_exact).
+
+    Up to ``threshold`` the count is exact and costs at most ``threshold + 1``
+    index entries; beyond it the value is PostgreSQL's plan estimate (on SQLite
+    ``threshold + 1``) with ``is_exact`` False. ``exact=True`` counts everything,
+    stopped after ``timeout_ms`` with QueryError ``count_timeout``.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError("threshold must be a whole number >= 0")
+    where = _Where.build(connection, model, entity, filter, q, deleted, ctx, scope)
+    table = entity.table
+    if exact:
+        query = sa.select(sa.func.count()).select_from(table).where(*where.conditions)
+        with _deadline(connection, timeout_ms):
+            return int(_execute(connection, query, where.node).scalar_one()), True
+    capped = (
+        sa.select(sa.literal_column("1"))
+        .select_from(table)
+        .where(*where.conditions)
+        .suffix_with(f"LIMIT {threshold + 1}")
+        .subquery("capped")
+    )
+    counted = sa.select(sa.func.count()).select_from(capped)
+    found = int(_execute(connection, counted, where.node).scalar_one())
+    if found <= threshold:
+        return found, True
+    if connection.dialect.name != "postgresql":
+        return threshold + 1, False
+    plain: sa.Select[Any] = (
+        sa.select(sa.literal_column("1")).select_from(table).where(*where.conditions)
+    )
+    plan = connection.execute(_Explain(plain)).scalar_one()
+    if isinstance(plan, str | bytes):
+        plan = json.loads(plan)
+    estimate = int(plan[0]["Plan"]["Plan Rows"])
+    return max(estimate, threshold + 1), False
+
+
+def related_records(
+    connection: Connection,
+    model: TenantModel,
+    target_entity: EntityModel,
+    record_id: uuid.UUID,
+    source: EntityModel,
+    request: ListRequest,
+    ctx: EvalContext,
+    secret: bytes,
+    scope: ColumnElement[bool] | None = None,
+    *,
+    via: str | None = None,
+) -> Page:
+    """Return a page of ``source`` records that point at one record of ``target_entity``.
+
+    A record points at it through a lookup, a related-to field or a
+    many-to-many field of its own, or through a many-to-many field of the
+    target's; ``via`` names the one field to follow when there are several
+    (``deal.customer`` or ``deal.primary_contact``…). QueryError ``not_related``
+    when no field links the two entities.
+    """
+    if via is not None and not isinstance(via, str):
+        raise QueryError("not_related", "via must be a field name", "/via")
+    table = source.table
+    points: list[ColumnElement[bool]] = []
+    for f in source.entity.active_fields():
+        if via is not None and f.name != via:
+            continue
+        if f.type == "lookup" and f.get("target") == target_entity.name:
+            points.append(table.c[f.name] == record_id)
+        elif f.type == "related_to" and target_entity.name in f.get("targets", []):
+            points.append(
+                sa.and_(
+                    table.c[f"{f.name}_entity"] == target_entity.name,
+                    table.c[f"{f.name}_id"] == record_id,
+                )
+            )
+        elif f.type == "many_to_many" and f.get("target") == target_entity.name:
+            link = source.links[f.name]
+            points.append(
+                table.c.id.in_(sa.select(link.c.source_id).where(link.c.target_id == record_id))
+            )
+    for f in target_entity.entity.active_fields():
+        # The other side of a many-to-many field the target entity holds.
+        if via is not None and f.name != via:
+            continue
+        if f.type == "many_to_many" and f.get("target") == source.name:
+            link = target_entity.links[f.name]
+            points.append(
+                table.c.id.in_(sa.select(link.c.target_id).where(link.c.source_id == record_id))
+            )
+    if not points:
+        if via is not None:
+            raise QueryError(
+                "not_related",
+                f"'{via}' is not a field of '{source.name}' that points to '{target_entity.name}'",
+                "/via",
+            )
+        raise QueryError(
+            "not_related", f"no field of '{source.name}' points to '{target_entity.name}'"
+        )
+    relation = points[0] if len(points) == 1 else sa.or_(*points)
+    key = f"related:{target_entity.name}:{record_id}:{via or ''}"
+    return _list(connection, model, source, request, ctx, secret, scope, relation, key)
+
+
+# -- the WHERE clause ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Where:
+    """The conditions of a list, and what a cursor must agree on to continue it."""
+
+    conditions: list[ColumnElement[bool]]
+    node: Node | None
+    digest: str
+
+    @classmethod
+    def build(
+        cls,
+        connection: Connection,
+        model: TenantModel,
+        entity: EntityModel,
+        filter_text: str | None,
+        q: str | None,
+        deleted: bool,
+        ctx: EvalContext,
+        scope: ColumnElement[bool] | None,
+        extra: ColumnElement[bool] | None = None,
+        extra_key: str | None = None,
+    ) -> _Where:
+        table = entity.table
+        conditions: list[ColumnElement[bool]] = [
+            table.c.deleted_at.is_not(None) if deleted else table.c.deleted_at.is_(None)
+        ]
+        node, canonical = None, None
+        if filter_text is not None:
+            if not isinstance(filter_text, str):
+                raise QueryError("invalid_filter", "the filter must be text", "/filter")
+            if filter_text.strip():
+                node, compiled = _compile_filter(model, entity, filter_text, ctx)
+                canonical = unparse(node)
+                conditions.append(compiled)
+        text = _search_text(q)
+        if text is not None:
+            found = search.search_condition(connection, entity, text)
+            if found is None:
+                raise QueryError(
+                    "invalid_search", f"'{entity.name}' has no search fields to search in", "/q"
+                )
+            conditions.append(found)
+        if extra is not None:
+            conditions.append(extra)
+        if scope is not None:
+            conditions.append(scope)
+        return cls(conditions, node, cursors.digest(canonical, text, deleted, extra_key))
+
+
+_FILTER_SCOPES: weakref.WeakKeyDictionary[EntityModel, Scope] = weakref.WeakKeyDictionary()
+_FILTER_SCOPES_LOCK = threading.Lock()
+
+
+def _filter_scope(model: TenantModel, entity: EntityModel) -> Scope:
+    """Return the entity's scope with what SQL cannot read yet marked as not filterable.
+
+    A related-to field has two columns and no single value; a formula behind a
+    lookup has no column for the lookup's subquery to read.
+    """
+    with _FILTER_SCOPES_LOCK:
+        found = _FILTER_SCOPES.get(entity)
+    if found is not None:
+        return found
+
+    def restrict(scope: Scope, hop: bool) -> Scope:
+        definition = model.bundle.entities[scope.entity]
+        fields = {}
+        for name, info in scope.fields.items():
+            f = definition.fields.get(name)
+            if f is not None and (f.type == "related_to" or (hop and f.type == "formula")):
+                info = dataclasses.replace(info, filterable=False)
+            elif info.target is not None and not hop:
+                info = dataclasses.replace(info, target=restrict(info.target, True))
+            fields[name] = info
+        return Scope(scope.entity, fields)
+
+    found = restrict(entity.scope, False)
+    with _FILTER_SCOPES_LOCK:
+        _FILTER_SCOPES[entity] = found
+    return found
+
+
+def _compile_filter(
+    model: TenantModel, entity: EntityModel, text: str, ctx: EvalContext
+) -> tuple[Node, ColumnElement[bool]]:
+    try:
+        node = parse(text)
+        scope = _filter_scope(model, entity)
+        check(node, scope, expect=ValueType.BOOLEAN)
+        compiled = compile_sql(node, scope, column_resolver(model, entity, ctx), ctx)
+    except ExpressionError as exc:
+        raise QueryError("invalid_filter", exc.message, "/filter", exc.line, exc.column) from None
+    return node, compiled
+
+
+def _search_text(q: str | None) -> str | None:
+    if q is None:
+        return None
+    if not isinstance(q, str):
+        raise QueryError("invalid_search", "the search must be text", "/q")
+    text = q.strip()
+    if not text:
+        return None
+    if len(text) > MAX_SEARCH_LENGTH:
+        raise QueryError(
+            "invalid_search",
+            f"the search is {len(text):,} characters long; the limit is {MAX_SEARCH_LENGTH}",
+            "/q",
+        )
+    if any(ord(c) < 32 for c in text):
+        raise QueryError("invalid_search", "the search must not hold control characters", "/q")
+    return text
+
+
+# -- sorting ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SortKey:
+    """One ORDER BY term and how to compare a row with a cursor on it."""
+
+    name: str
+    value: ColumnElement[Any]
+    kind: ValueType
+    descending: bool
+    nullable: bool
+
+    @property
+    def ordered(self) -> ColumnElement[Any]:
+        """The value as it sorts: text by code point."""
+        return CodepointOrder(self.value) if self.kind is ValueType.TEXT else self.value
+
+    def order_by(self) -> ColumnElement[Any]:
+        term = self.ordered.desc() if self.descending else self.ordered.asc()
+        if not self.nullable:
+            return term
+        return term.nulls_first() if self.descending else term.nulls_last()
+
+    def bind(self, value: Any) -> ColumnElement[Any]:
+        return sa.literal(value, self.value.type)
+
+    @property
+    def spec(self) -> str:
+        return f"-{self.name}" if self.descending else self.name
+
+
+def _sort_keys(
+    model: TenantModel, entity: EntityModel, sort: str | None, ctx: EvalContext
+) -> list[_SortKey]:
+    if sort is not None and not isinstance(sort, str):
+        raise QueryError("invalid_sort", "the sort must be text such as -amount,name", "/sort")
+    text = sort if sort is not None and sort.strip() else DEFAULT_SORT
+    if len(text) > MAX_SORT_LENGTH:
+        raise QueryError("invalid_sort", "the sort is too long", "/sort")
+    keys: list[_SortKey] = []
+    for part in text.split(","):
+        item = part.strip()
+        descending = item.startswith("-")
+        name = item[1:].strip() if item[:1] in ("-", "+") else item
+        if not name:
+            raise QueryError(
+                "invalid_sort",
+                "the sort has an empty field: write fields like -amount,name",
+                "/sort",
+            )
+        if any(k.name == name for k in keys):
+            raise QueryError("invalid_sort", f"the sort names '{name}' twice", "/sort")
+        keys.append(_sort_key(model, entity, name, descending, ctx))
+    if len(keys) > MAX_SORT_KEYS:
+        raise QueryError(
+            "invalid_sort", f"a list can be sorted by at most {MAX_SORT_KEYS} fields", "/sort"
+        )
+    if keys[-1].name != "id":
+        if any(k.name == "id" for k in keys):
+            # Keys after a unique one never decide anything; they only cost.
+            keys = keys[: next(i for i, k in enumerate(keys) if k.name == "id") + 1]
+        else:
+            keys.append(_sort_key(model, entity, "id", keys[-1].descending, ctx))
+    return keys
+
+
+def _sort_key(
+    model: TenantModel, entity: EntityModel, name: str, descending: bool, ctx: EvalContext
+) -> _SortKey:
+    table = entity.table
+    if name in SYSTEM_SORTS:
+        column = table.c[name]
+        return _SortKey(name, column, SYSTEM_SORTS[name], descending, bool(column.nullable))
+    f = entity.field(name)
+    info = entity.scope.fields.get(name)
+    if f is None or info is None:
+        raise QueryError(
+            "invalid_sort",
+            f"unknown field '{name}'{_suggest(name, entity, SYSTEM_SORTS)}",
+            "/sort",
+        )
+    ft = fieldtypes.get(f.type)
+    refused = QueryError(
+        "invalid_sort",
+        f"'{name}' is a {f.type.replace('_', ' ')} field and cannot be sorted",
+        "/sort",
+    )
+    if not (ft.sortable and info.filterable) or info.type not in _VALUE_KINDS:
+        raise refused
+    if f.type == "formula":
+        return _SortKey(
+            name, formula_expression(model, entity, f, ctx), info.type, descending, True
+        )
+    if not ft.stored or ft.column_names(f) != [name]:
+        raise refused
+    column = table.c[name]
+    return _SortKey(name, column, info.type, descending, bool(column.nullable))
+
+
+def _suggest(name: str, entity: EntityModel, extra: Iterable[str]) -> str:
+    options = [f.name for f in entity.entity.active_fields()] + list(extra)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _after(keys: Sequence[_SortKey], values: Sequence[Any]) -> ColumnElement[bool]:
+    """Return the condition "the row sorts strictly after these key values"."""
+    directions = {k.descending for k in keys}
+    if len(directions) == 1 and not any(
+        k.nullable or v is None for k, v in zip(keys, values, strict=True)
+    ):
+        # One direction and no NULLs: a row-value comparison, as a person writes it,
+        # which both databases match to an index on the leading key.
+        left = sa.tuple_(*(k.ordered for k in keys))
+        right = sa.tuple_(*(k.bind(v) for k, v in zip(keys, values, strict=True)))
+        return left < right if keys[0].descending else left > right
+    branches: list[ColumnElement[bool]] = []
+    equal: list[ColumnElement[bool]] = []
+    for key, value in zip(keys, values, strict=True):
+        beyond = _beyond(key, value)
+        if beyond is not None:
+            branches.append(sa.and_(*equal, beyond))
+        equal.append(key.value.is_(None) if value is None else key.value == key.bind(value))
+    condition = sa.or_(*branches) if branches else sa.false()
+    bound = _leading_bound(keys[0], values[0])
+    return condition if bound is None else sa.and_(bound, condition)
+
+
+def _beyond(key: _SortKey, value: Any) -> ColumnElement[bool] | None:
+    """Rows after ``value`` on this key alone: NULLs last ascending, first descending."""
+    if key.descending:
+        return key.value.is_not(None) if value is None else key.ordered < key.bind(value)
+    if value is None:
+        return None
+    after = key.ordered > key.bind(value)
+    return sa.or_(after, key.value.is_(None)) if key.nullable else after
+
+
+def _leading_bound(key: _SortKey, value: Any) -> ColumnElement[bool] | None:
+    """A range on the first key alone, implied by the condition, that an index can seek to."""
+    if key.descending:
+        return None if value is None else key.ordered <= key.bind(value)
+    if value is None:
+        return key.value.is_(None)
+    return None if key.nullable else key.ordered >= key.bind(value)
+
+
+# -- the list -----------------------------------------------------------------------------
+
+
+def _list(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    request: ListRequest,
+    ctx: EvalContext,
+    secret: bytes,
+    scope: ColumnElement[bool] | None,
+    extra: ColumnElement[bool] | None,
+    extra_key: str | None,
+) -> Page:
+    limit = request.limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(
+            "invalid_limit", f"limit must be a whole number from 1 to {MAX_LIMIT}", "/limit"
+        )
+    fields = _chosen_fields(entity, request.fields)
+    includes = _includes(model, entity, request.include)
+    if fields is not None:
+        # An included lookup is shown too: its id is what the embedded record hangs on.
+        fields = tuple(dict.fromkeys((*fields, *includes)))
+    keys = _sort_keys(model, entity, request.sort, ctx)
+    where = _Where.build(
+        connection,
+        model,
+        entity,
+        request.filter,
+        request.q,
+        request.deleted,
+        ctx,
+        scope,
+        extra,
+        extra_key,
+    )
+    sort_spec = ",".join(k.spec for k in keys)
+    conditions = list(where.conditions)
+    if request.cursor is not None:
+        values = _cursor_values(request.cursor, secret, entity, sort_spec, where.digest, keys)
+        conditions.append(_after(keys, values))
+
+    columns = select_columns(model, entity, ctx, fields)
+    present = {getattr(c, "name", None) for c in columns}
+    key_columns = []
+    for i, key in enumerate(keys):
+        if key.name in present:
+            key_columns.append(key.name)
+        else:
+            columns.append(key.value.label(f"_sort{i}"))
+            key_columns.append(f"_sort{i}")
+    query = (
+        sa.select(*columns)
+        .where(*conditions)
+        .order_by(*(k.order_by() for k in keys))
+        .suffix_with(f"LIMIT {limit + 1}")
+    )
+    rows = _execute(connection, query, where.node).mappings().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [to_json(entity, row) for row in rows]
+    attach_relations(connection, _with_links(entity, fields), items)
+    for name in includes:
+        _include(connection, model, entity, name, items, ctx)
+    next_cursor = None
+    if more and rows:
+        last = rows[-1]
+        position = cursors.Position(
+            entity.name, sort_spec, where.digest, tuple(last[c] for c in key_columns)
+        )
+        next_cursor = cursors.encode(position, secret)
+    return Page(items, next_cursor)
+
+
+def _cursor_values(
+    token: str,
+    secret: bytes,
+    entity: EntityModel,
+    sort_spec: str,
+    digest: str,
+    keys: Sequence[_SortKey],
+) -> tuple[Any, ...]:
+    def refuse(message: str) -> QueryError:
+        return QueryError("invalid_cursor", message, "/cursor")
+
+    if not isinstance(token, str):
+        raise refuse("the cursor must be text")
+    try:
+        position = cursors.decode(token, secret)
+    except cursors.CursorError as exc:
+        raise refuse(f"this is not a valid cursor: {exc}") from None
+    if position.entity != entity.name:
+        raise refuse(f"this cursor belongs to a list of '{position.entity}'")
+    if position.sort != sort_spec or position.digest != digest:
+        raise refuse(
+            "this cursor belongs to a list with another sort, filter or search: "
+            "start again from the first page"
+        )
+    if not cursors.same_shape(position.values, [_VALUE_KINDS[k.kind] for k in keys]):
+        raise refuse("this cursor no longer fits the list's fields: start again")
+    return position.values
+
+
+def _chosen_fields(entity: EntityModel, fields: Sequence[str] | None) -> tuple[str, ...] | None:
+    if fields is None:
+        return None
+    if isinstance(fields, str) or not all(isinstance(name, str) for name in fields):
+        raise QueryError("invalid_fields", "fields must be a list of field names", "/fields")
+    for name in fields:
+        if name not in SYSTEM_FIELDS and entity.field(name) is None:
+            raise QueryError(
+                "invalid_fields",
+                f"unknown field '{name}'{_suggest(name, entity, SYSTEM_FIELDS)}",
+                "/fields",
+            )
+    return tuple(dict.fromkeys(fields))
+
+
+def _with_links(entity: EntityModel, fields: tuple[str, ...] | None) -> EntityModel:
+    """The entity with only the many-to-many fields the page shows, so others cost no query."""
+    if fields is None or all(name in fields for name in entity.links):
+        return entity
+    links = {name: link for name, link in entity.links.items() if name in fields}
+    return dataclasses.replace(entity, links=links)
+
+
+# -- include ------------------------------------------------------------------------------
+
+
+def _includes(model: TenantModel, entity: EntityModel, include: Sequence[str]) -> list[str]:
+    if isinstance(include, str) or not all(isinstance(name, str) for name in include):
+        raise QueryError("invalid_include", "include must be a list of lookup fields", "/include")
+    names = list(dict.fromkeys(include))
+    for name in names:
+        f = entity.field(name)
+        if f is None:
+            raise QueryError(
+                "invalid_include",
+                f"unknown field '{name}'{_suggest(name, entity, ())}",
+                "/include",
+            )
+        if f.type != "lookup" or model.entity(f.get("target")) is None:
+            raise QueryError(
+                "invalid_include",
+                f"'{name}' is not a lookup field, so there is no record to include",
+                "/include",
+            )
+    return names
+
+
+def _include(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    name: str,
+    items: list[dict[str, Any]],
+    ctx: EvalContext,
+) -> None:
+    """Embed the targets of one lookup field under ``_included``: one query for the page."""
+    f = entity.field(name)
+    assert f is not None
+    target = model.entity(f.get("target"))
+    assert target is not None
+    ids = {item[name] for item in items if item.get(name) is not None}
+    found: dict[str, dict[str, Any]] = {}
+    if ids:
+        table = target.table
+        query = sa.select(*select_columns(model, target, ctx)).where(
+            table.c.id.in_([uuid.UUID(i) for i in ids]), table.c.deleted_at.is_(None)
+        )
+        records = [to_json(target, row) for row in connection.execute(query).mappings()]
+        attach_relations(connection, target, records)
+        found = {record["id"]: record for record in records}
+    for item in items:
+        pointer = item.get(name)
+        item.setdefault(INCLUDED, {})[name] = None if pointer is None else found.get(pointer)
+
+
+# -- execution ----------------------------------------------------------------------------
+
+
+def _execute(
+    connection: Connection, statement: sa.Executable, node: Node | None = None
+) -> sa.CursorResult[Any]:
+    """Run a statement; a filter too deeply nested for the database becomes a QueryError."""
+    try:
+        return connection.execute(statement)
+    except DBAPIError as exc:
+        message = str(exc.orig).lower()
+        too_complex = (
+            any(s in message for s in _SQLITE_TOO_COMPLEX)
+            if connection.dialect.name == "sqlite"
+            else _PG_TOO_COMPLEX in message
+        )
+        if node is None or not too_complex:
+            raise
+        line, column = _deepest(node)
+        raise QueryError(
+            "invalid_filter",
+            "the filter is nested too deeply for the database: use fewer nested "
+            "functions or parentheses",
+            "/filter",
+            line,
+            column,
+        ) from None
+
+
+def _deepest(root: Node) -> tuple[int, int]:
+    """Return the position of the most deeply nested part of an expression."""
+    best, best_depth = root, 0
+    stack = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > best_depth and node.line:
+            best, best_depth = node, depth
+        stack.extend((child, depth + 1) for child in children(node))
+    return best.line or 1, best.column or 1
+
+
+@contextmanager
+def _deadline(connection: Connection, timeout_ms: int) -> Iterator[None]:
+    """Stop the statements run inside after ``timeout_ms``; QueryError ``count_timeout``.
+
+    PostgreSQL: ``statement_timeout`` set locally inside a savepoint that is
+    rolled back afterwards, which also undoes the setting. SQLite: a progress
+    handler that interrupts the statement once the time is up.
+    """
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 1:
+        raise ValueError("timeout_ms must be a whole number >= 1")
+    timed_out = QueryError(
+        "count_timeout",
+        f"counting took longer than {timeout_ms} ms; narrow the filter or use the estimate",
+    )
+    if connection.dialect.name == "sqlite":
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        deadline = time.monotonic() + timeout_ms / 1000
+
+        def progress() -> int:
+            return 1 if time.monotonic() > deadline else 0
+
+        raw.set_progress_handler(progress, 10_000)
+        try:
+            yield
+        except DBAPIError as exc:
+            if "interrupted" in str(exc.orig).lower():
+                raise timed_out from None
+            raise
+        finally:
+            raw.set_progress_handler(None, 0)
+        return
+    savepoint = connection.begin_nested()
+    try:
+        connection.execute(
+            sa.select(sa.func.set_config("statement_timeout", str(timeout_ms), True))
+        )
+        yield
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _PG_QUERY_CANCELED:
+            savepoint.rollback()
+            raise timed_out from None
+        raise
+    finally:
+        if savepoint.is_active:
+            savepoint.rollback()
+
+
+class _Explain(sa.sql.expression.Executable, ClauseElement):
+    """``EXPLAIN (FORMAT JSON)`` of a query, with the query's parameters bound as usual."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: sa.Select[Any]) -> None:
+        self.statement = statement
+
+
+@compiles(_Explain, "postgresql")
+def _explain(element: _Explain, compiler: SQLCompiler, **kw: Any) -> str:
+    return "EXPLAIN (FORMAT JSON) " + compiler.process(element.statement, **kw)
