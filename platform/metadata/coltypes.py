@@ -50,6 +50,10 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC)
 
 
+#: Significant digits a REAL holds exactly; larger decimals need PostgreSQL.
+SQLITE_DIGITS = 15
+
+
 class ExactDecimal(TypeDecorator[decimal.Decimal]):
     """NUMERIC(precision, scale) on PostgreSQL; REAL on SQLite, read back as Decimal.
 
@@ -78,6 +82,13 @@ class ExactDecimal(TypeDecorator[decimal.Decimal]):
         if isinstance(value, bool) or not isinstance(value, int | float | decimal.Decimal):
             raise TypeError(f"expected a number, got {type(value).__name__}")
         if dialect.name == "sqlite":
+            digits = decimal.Decimal(value).normalize().as_tuple().digits
+            if len(digits) > SQLITE_DIGITS:
+                # REAL would round it silently; refuse instead of losing a digit.
+                raise ValueError(
+                    f"{value} has more than {SQLITE_DIGITS} significant digits, "
+                    "which SQLite cannot store exactly"
+                )
             return float(value)
         return decimal.Decimal(value) if not isinstance(value, decimal.Decimal) else value
 

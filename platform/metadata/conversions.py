@@ -21,6 +21,10 @@ from metacrm.metadata.model import FieldDef
 
 TEXT_TYPES = {"text", "long_text", "rich_text", "email", "phone", "url", "single_select"}
 DECIMAL_TYPES = {"decimal", "currency", "percent"}
+#: The whitespace both sides strip: Python's str.strip() would also strip Unicode
+#: spaces, which PostgreSQL's btrim() keeps, and the backends must agree.
+_SPACE = " \t\n\r\f\v"
+_PG_TRIM = "btrim({col}, E' \\t\\n\\r\\f\\v')"
 _INTEGER_TEXT = re.compile(r"[+-]?\d{1,18}", re.ASCII)
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)", re.ASCII)
 
@@ -47,14 +51,14 @@ def _then_coerce(new: FieldDef, step: Callable[[Any], Any]) -> Callable[[Any], A
 
 
 def _text_to_int(value: str) -> int:
-    text = value.strip()
+    text = value.strip(_SPACE)
     if not _INTEGER_TEXT.fullmatch(text):
         raise ValueProblem(f"{value!r} is not a whole number")
     return int(text)
 
 
 def _text_to_decimal(value: str) -> decimal.Decimal:
-    text = value.strip()
+    text = value.strip(_SPACE)
     if not _DECIMAL_TEXT.fullmatch(text):
         raise ValueProblem(f"{value!r} is not a number")
     return decimal.Decimal(text)
@@ -68,7 +72,7 @@ def _decimal_to_int(value: Any) -> int:
 
 
 def _text_to_bool(value: str) -> bool:
-    text = value.strip().lower()
+    text = value.strip(_SPACE).lower()
     if text not in ("true", "false"):
         raise ValueProblem(f"{value!r} is neither true nor false")
     return text == "true"
@@ -111,13 +115,13 @@ def conversion(old: FieldDef, new: FieldDef) -> Conversion | None:
             _then_coerce(new, lambda v: "true" if v else "false"), f"{{col}}::{target}"
         )
     if o in TEXT_TYPES and n == "integer":
-        return Conversion(_then_coerce(new, _text_to_int), "trim({col})::bigint")
+        return Conversion(_then_coerce(new, _text_to_int), _PG_TRIM + "::bigint")
     if o in TEXT_TYPES and n in DECIMAL_TYPES:
-        return Conversion(_then_coerce(new, _text_to_decimal), f"trim({{col}})::{target}")
+        return Conversion(_then_coerce(new, _text_to_decimal), _PG_TRIM + f"::{target}")
     if o in TEXT_TYPES and n == "date":
-        return Conversion(_then_coerce(new, lambda v: v.strip()), "trim({col})::date")
+        return Conversion(_then_coerce(new, lambda v: v.strip(_SPACE)), _PG_TRIM + "::date")
     if o in TEXT_TYPES and n == "boolean":
-        return Conversion(_then_coerce(new, _text_to_bool), "trim({col})::boolean")
+        return Conversion(_then_coerce(new, _text_to_bool), _PG_TRIM + "::boolean")
     if o == "date" and n == "datetime":
         return Conversion(
             lambda v: dt.datetime(v.year, v.month, v.day, tzinfo=dt.UTC),

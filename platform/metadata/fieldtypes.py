@@ -75,8 +75,8 @@ class FieldType:
             sa.Column(
                 f.name,
                 self.column_type(f),
-                nullable=not f.required,
-                server_default=_server_default(f),
+                nullable=not f.required or f.archived,
+                server_default=server_default(f),
             )
         ]
 
@@ -106,7 +106,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _server_default(f: FieldDef) -> sa.TextClause | None:
+def server_default(f: FieldDef) -> sa.TextClause | None:
     """Give a required field with a scalar default a server default.
 
     Adding such a column to a big table is then a catalog-only change on both
@@ -120,7 +120,8 @@ def _server_default(f: FieldDef) -> sa.TextClause | None:
     if isinstance(value, int | float):
         return sa.text(repr(value))
     if isinstance(value, str):
-        return sa.text("'" + value.replace("'", "''") + "'")
+        # text() reads ":word" as a bind parameter; a backslash keeps the colon literal.
+        return sa.text("'" + value.replace("'", "''").replace(":", "\\:") + "'")
     return None
 
 
@@ -298,7 +299,7 @@ class RelatedToFieldType(FieldType):
     """A polymorphic pointer: the target entity's name and the target's id."""
 
     def columns(self, f: FieldDef) -> list[sa.Column[Any]]:
-        nullable = not f.required
+        nullable = not f.required or f.archived
         return [
             sa.Column(f"{f.name}_entity", sa.String(63), nullable=nullable),
             sa.Column(f"{f.name}_id", sa.Uuid(), nullable=nullable),
@@ -318,7 +319,7 @@ class LookupFieldType(FieldType):
             ondelete=ON_DELETE[on_delete],
             name=constraint_name("fk", f.entity, f.name),
         )
-        return [sa.Column(f.name, sa.Uuid(), fk, nullable=not f.required)]
+        return [sa.Column(f.name, sa.Uuid(), fk, nullable=not f.required or f.archived)]
 
 
 def constraint_name(prefix: str, table: str, *parts: str) -> str:

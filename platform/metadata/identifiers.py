@@ -99,6 +99,8 @@ def identifier_problem(name: object) -> str | None:
         if not name[0].isalpha():
             return "must start with a letter a-z"
         return "may contain only lower-case letters a-z, digits and underscores"
+    if "__" in name:
+        return "must not contain '__' (the platform uses it to join names)"
     if name in RESERVED:
         return "is a reserved word"
     return None

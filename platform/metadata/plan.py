@@ -24,6 +24,8 @@ from metacrm.metadata.conversions import conversion
 from metacrm.metadata.model import Bundle, EntityDef, FieldDef
 from metacrm.metadata.validation import BundleInvalid, Problem, pointer, require_valid
 
+#: Keys that describe a column's shape; metadata only where the column has no such shape.
+SHAPE_KEYS = {"max_length", "precision", "scale"}
 #: Field keys whose change alters storage; every other key is metadata only.
 STORAGE_KEYS = {
     "type",
@@ -97,11 +99,17 @@ class _Planner:
         self.problems: list[Problem] = []
         #: Whether archived items were carried forward into the stored bundle.
         self.carried = False
+        #: Describe changes between stored versions instead of planning a publish.
+        self.describe_only = False
 
     def add(self, op: Operation) -> None:
         self.ops[op.kind].append(op)
 
     def refuse(self, where: str, message: str, hint: str | None = None) -> None:
+        if self.describe_only:
+            # A diff between stored versions describes what happened; it refuses nothing.
+            self.ops["update_document"].append(Operation("unplannable", message))
+            return
         self.problems.append(Problem(where, message, hint))
 
     def _drop_purged(self) -> None:
@@ -136,7 +144,7 @@ class _Planner:
             if name in new_entities:
                 continue
             if name in self.purge:
-                if not old.archived:
+                if not old.archived and not self.describe_only:
                     self.refuse(
                         pointer("entities"),
                         f"entity '{name}' must be archived before it is purged",
@@ -153,6 +161,13 @@ class _Planner:
                 )
                 continue
             archived = copy.deepcopy(dict(old.doc))
+            inner = [p for p in self.purge if p.startswith(f"{name}.")]
+            if inner:
+                self.refuse(
+                    pointer("purge"),
+                    f"'{inner[0]}' belongs to an archived entity",
+                    f"restore '{name}' first, or purge the whole entity",
+                )
             if not old.archived:
                 archived["archived"] = True
                 self.add(
@@ -250,7 +265,7 @@ class _Planner:
                 continue
             path = f"{name}.{fname}"
             if path in self.purge:
-                if not previous.archived:
+                if not previous.archived and not self.describe_only:
                     self.refuse(
                         where + "/fields",
                         f"field '{path}' must be archived before it is purged",
@@ -352,7 +367,7 @@ class _Planner:
         note = ""
         risky = False
         if f.required:
-            if f.has_default:
+            if f.has_default and f.default is not None:
                 note = f", existing records get the default {f.default!r}"
             else:
                 note = ", which needs the table to be empty"
@@ -389,6 +404,19 @@ class _Planner:
                     new.name,
                 )
             )
+        if old.archived and not new.archived and new.required and fieldtypes.get(new.type).stored:
+            # Its column took nulls while archived; restoring it checks that again.
+            self.add(
+                Operation(
+                    "set_required",
+                    f"Make '{path}' required again; records created "
+                    "while it was archived must have a value",
+                    new.entity,
+                    new.name,
+                    risky=True,
+                    params={"doc": dict(new.doc)},
+                )
+            )
         if old.archived and not new.archived:
             self.add(
                 Operation(
@@ -414,7 +442,11 @@ class _Planner:
             )
         if old.required != new.required:
             if new.required:
-                fill = f"; empty values become {new.default!r}" if new.has_default else ""
+                fill = (
+                    f"; empty values become {new.default!r}"
+                    if new.has_default and new.default is not None
+                    else ""
+                )
                 self.add(
                     Operation(
                         "set_required",
@@ -435,6 +467,22 @@ class _Planner:
                         params={"doc": dict(new.doc)},
                     )
                 )
+        if (
+            old.type == new.type
+            and fieldtypes.get(new.type).stored
+            and _default_sql(old) != _default_sql(new)
+        ):
+            self.add(
+                Operation(
+                    "change_default",
+                    f"Change the column default of '{path}' to {new.default!r}"
+                    if _default_sql(new)
+                    else f"Remove the column default of '{path}'",
+                    new.entity,
+                    new.name,
+                    params={"doc": dict(new.doc)},
+                )
+            )
         old_index = _index_kind(old)
         new_index = _index_kind(new)
         if old_index != new_index:
@@ -459,10 +507,12 @@ class _Planner:
                         params={"doc": dict(new.doc)},
                     )
                 )
+        same_shape = old.type == new.type and _storage_shape(old) == _storage_shape(new)
         metadata_keys = sorted(
             k
             for k in set(old.doc) | set(new.doc)
-            if k not in STORAGE_KEYS and old.doc.get(k) != new.doc.get(k)
+            if old.doc.get(k) != new.doc.get(k)
+            and (k not in STORAGE_KEYS or (same_shape and k in SHAPE_KEYS))
         )
         if metadata_keys:
             verb = "Relabel" if metadata_keys == ["label"] else "Update"
@@ -510,21 +560,24 @@ class _Planner:
                 "add a new field, copy the data, and archive this one",
             )
             return
-        what = (
-            f"from {old.type} to {new.type}"
-            if old.type != new.type
-            else "its storage ("
-            + ", ".join(
-                f"{k} {old.get(k)} → {new.get(k)}"
-                for k in ("max_length", "precision", "scale")
-                if old.get(k) != new.get(k)
+        if old.type != new.type:
+            sentence = f"Convert '{path}' from {old.type} to {new.type}"
+        else:
+            shapes = {"max_length": (fieldtypes.max_length(old), fieldtypes.max_length(new))}
+            if old.type in ("decimal", "currency", "percent"):
+                (p1, s1), (p2, s2) = fieldtypes.decimal_shape(old), fieldtypes.decimal_shape(new)
+                shapes = {"precision": (p1, p2), "scale": (s1, s2)}
+            sentence = (
+                f"Change the storage of '{path}' ("
+                + ", ".join(f"{k} {a} → {b}" for k, (a, b) in shapes.items() if a != b)
+                + ")"
             )
-            + ")"
-        )
+        if not convert.always:
+            sentence += "; refused if a stored value does not fit"
         self.add(
             Operation(
                 "change_type",
-                f"Convert '{path}' {what}; refused if a stored value does not convert",
+                sentence,
                 new.entity,
                 new.name,
                 risky=not convert.always,
@@ -579,7 +632,9 @@ class _Planner:
 
 
 def _storage_shape(f: FieldDef) -> tuple[Any, ...]:
-    if f.type in ("text", "long_text", "rich_text", "email", "phone", "url", "encrypted_text"):
+    if f.type in ("text", "email", "phone", "url"):
+        # VARCHAR(n): the length is part of the column. long_text, rich_text and
+        # encrypted_text are TEXT columns, where max_length is only a validation rule.
         return (fieldtypes.max_length(f),)
     if f.type in ("decimal", "currency", "percent"):
         return fieldtypes.decimal_shape(f)
@@ -588,6 +643,12 @@ def _storage_shape(f: FieldDef) -> tuple[Any, ...]:
     if f.type == "related_to":
         return tuple(f.get("targets", []))
     return ()
+
+
+def _default_sql(f: FieldDef) -> str | None:
+    """Return the server default a field's column has, as SQL text (None for none)."""
+    default = fieldtypes.server_default(f)
+    return None if default is None else default.text
 
 
 def _index_kind(f: FieldDef) -> str | None:
@@ -613,6 +674,7 @@ _ORDER = (
     "change_on_delete",
     "drop_required",
     "set_required",
+    "change_default",
     "drop_index",
     "drop_field_index",
     "add_field_index",
@@ -627,6 +689,26 @@ _ORDER = (
     "update_document",
     "remove_document",
 )
+
+
+def describe_change(old: Bundle, new: Bundle, forward: bool = True) -> Plan:
+    """Describe how one stored version leads to another (for diff; refuses nothing).
+
+    Stored bundles carry archived items forward, so going forward in history
+    anything of ``old`` missing from ``new`` was purged. Going backward, the
+    question is what returning to ``new`` would do: archive what came later.
+    """
+    purged: list[str] = []
+    if forward:
+        purged = [n for n in old.entities if n not in new.entities]
+        for name, entity in old.entities.items():
+            if name in new.entities:
+                purged.extend(
+                    f"{name}.{f}" for f in entity.fields if f not in new.entities[name].fields
+                )
+    planner = _Planner(old, copy.deepcopy(dict(new.doc)), set(purged))
+    planner.describe_only = True
+    return planner.run()
 
 
 def make_plan(old: Bundle, new_doc: Any, purge: Iterable[str] = ()) -> Plan:

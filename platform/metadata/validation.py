@@ -18,7 +18,8 @@ from typing import Any
 from metacrm.metadata import fieldtypes, schemas
 from metacrm.metadata.expressions import check_bundle_expressions
 from metacrm.metadata.fieldtypes import COMMON_KEYS, ValueProblem
-from metacrm.metadata.identifiers import RESERVED, identifier_problem
+from metacrm.metadata.identifiers import MAX_LENGTH as MAX_IDENTIFIER
+from metacrm.metadata.identifiers import RESERVED, SYSTEM_COLUMNS, identifier_problem
 from metacrm.metadata.model import DOCUMENT_LISTS, Bundle, EntityDef, FieldDef
 from metacrm.metadata.tables import link_table_name
 
@@ -109,7 +110,9 @@ def _broken_parts(problems: list[Problem]) -> tuple[set[str], dict[str, set[int]
             if parts[3].isdigit():
                 fields.setdefault(parts[1], set()).add(int(parts[3]))
                 continue
-        if len(parts) >= 2:
+        if parts and parts[0] in ("settings", "branding"):
+            documents.add(parts[0])
+        elif len(parts) >= 2:
             documents.add(f"{parts[0]}/{parts[1]}")
         elif parts:
             documents.add(parts[0])
@@ -252,7 +255,7 @@ class _SemanticChecker:
         table_names: dict[str, str],
         positions: list[int] | None,
     ) -> None:
-        columns: dict[str, str] = {}
+        columns: dict[str, str] = {name: "(system column)" for name in SYSTEM_COLUMNS}
         field_names: set[str] = set(self.skipped_fields.get(entity.name, ()))
         for j, fdoc in enumerate(entity.doc["fields"]):
             fwhere = f"{where}/fields/{positions[j] if positions else j}"
@@ -271,6 +274,12 @@ class _SemanticChecker:
             except KeyError:
                 continue
             for column in ft.column_names(f):
+                if len(column) > MAX_IDENTIFIER:
+                    self.add(
+                        fwhere + "/name",
+                        f"field '{fname}' needs a column '{column}', "
+                        f"longer than {MAX_IDENTIFIER} characters; use a shorter name",
+                    )
                 if column in columns and columns[column] != fname:
                     self.add(
                         fwhere + "/name",
@@ -280,6 +289,12 @@ class _SemanticChecker:
                 columns[column] = fname
             if f.type == "many_to_many":
                 link = link_table_name(entity.name, fname)
+                if len(link) > MAX_IDENTIFIER:
+                    self.add(
+                        fwhere + "/name",
+                        f"the link table '{link}' of this relation is "
+                        f"longer than {MAX_IDENTIFIER} characters; use shorter names",
+                    )
                 if link in table_names:
                     self.add(
                         fwhere + "/name",
@@ -325,6 +340,12 @@ class _SemanticChecker:
             iwhere = f"{where}/indexes/{k}"
             if not self.name_ok(iwhere + "/name", spec["name"], "index"):
                 continue
+            if spec["name"] in entity.fields:
+                self.add(
+                    iwhere + "/name",
+                    f"index name '{spec['name']}' is also a field name; "
+                    "the field's own index would clash with it",
+                )
             if spec["name"] in index_names:
                 self.add(iwhere + "/name", f"index '{spec['name']}' is defined twice")
             index_names.add(spec["name"])
@@ -404,6 +425,8 @@ class _SemanticChecker:
                 "a required lookup cannot use on_delete set_null",
                 "use restrict or cascade",
             )
+        if f.required and f.has_default and f.default is None:
+            self.add(where + "/default", "a required field cannot default to null")
         if f.has_default and f.default is not None and ft.coerce is not None:
             try:
                 ft.coerce(f, f.default)
@@ -598,7 +621,9 @@ class _SemanticChecker:
         if not isinstance(settings, Mapping) or self.broken_settings:
             return
         timezone = settings.get("timezone")
-        if timezone is not None:
+        if timezone is not None and not isinstance(timezone, str):
+            self.add("/settings/timezone", "must be a string such as Asia/Shanghai")
+        elif timezone is not None:
             try:
                 zoneinfo.ZoneInfo(timezone)
             except (zoneinfo.ZoneInfoNotFoundError, ValueError):

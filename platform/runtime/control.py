@@ -89,5 +89,12 @@ class ApiToken(Base):
 
 
 def create_schema(engine: sa.Engine) -> None:
-    """Create the control database's tables where they do not exist yet."""
-    Base.metadata.create_all(engine)
+    """Create the control database's tables where they do not exist yet.
+
+    Several workers may start at once on a fresh database (gunicorn --workers 4);
+    on PostgreSQL an advisory lock makes them take turns instead of racing.
+    """
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('metacrm.control'))"))
+        Base.metadata.create_all(connection)

@@ -18,10 +18,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from metacrm.metadata.model import Bundle, empty_bundle
-from metacrm.metadata.plan import Plan, make_plan
+from metacrm.metadata.plan import Plan, describe_change, make_plan
 from metacrm.metadata.validation import BundleInvalid, Problem
 from metacrm.runtime.migrator import (
     CheckFailure,
@@ -35,6 +35,7 @@ from metacrm.runtime.store import TenantStore, meta_version
 LOCK_NOT_AVAILABLE = "55P03"
 #: Version numbers are stored as 32-bit integers.
 MAX_VERSION = 2**31 - 1
+MAX_COMMENT = 1000
 
 
 @dataclass(frozen=True)
@@ -151,23 +152,9 @@ def preview(
 
 
 def diff(connection: Connection, a: int, b: int) -> Plan:
-    """Return the operations that lead from version ``a`` to version ``b``."""
+    """Return the operations that lead from version ``a`` to version ``b`` (either way)."""
     old, new = get(connection, a), get(connection, b)
-    old_bundle = Bundle.from_doc(old.bundle)
-    new_bundle = Bundle.from_doc(new.bundle)
-    purged = [
-        name
-        for name, entity in old_bundle.entities.items()
-        if entity.archived and name not in new_bundle.entities
-    ]
-    for name, entity in old_bundle.entities.items():
-        if name in new_bundle.entities:
-            purged.extend(
-                f"{name}.{f.name}"
-                for f in entity.fields.values()
-                if f.archived and f.name not in new_bundle.entities[name].fields
-            )
-    return make_plan(old_bundle, new.bundle, purged)
+    return describe_change(Bundle.from_doc(old.bundle), Bundle.from_doc(new.bundle), a <= b)
 
 
 @contextmanager
@@ -185,12 +172,14 @@ def _publishing(store: TenantStore, lock_timeout_ms: int) -> Iterator[Connection
             )
             with connection.begin():
                 if not sqlite:
-                    connection.exec_driver_sql(
-                        f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'"
-                    )
+                    # Publishes of one tenant queue behind each other (no timeout); only
+                    # the DDL waits briefly for tables that requests are reading.
                     connection.execute(
                         sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                         {"key": f"metacrm.publish.{store.schema}"},
+                    )
+                    connection.exec_driver_sql(
+                        f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'"
                     )
                 yield connection
                 violations = foreign_key_violations(connection)
@@ -232,6 +221,10 @@ def publish(
     so a failed first publish leaves no schema behind on PostgreSQL).
     """
     purge = list(purge)
+    if len(comment) > MAX_COMMENT:
+        raise BundleInvalid(
+            [Problem("/comment", f"is {len(comment)} characters long; the limit is {MAX_COMMENT}")]
+        )
     for attempt in range(attempts):
         try:
             return _publish_once(
@@ -285,7 +278,16 @@ def _publish_once(
         failures = check_plan(connection, old, plan)
         if failures:
             raise DataCheckFailed(failures)
-        apply_plan(connection, store.schema, old, plan)
+        try:
+            with connection.begin_nested():
+                apply_plan(connection, store.schema, old, plan)
+        except (IntegrityError, DataError) as exc:
+            # The checks above name the rows for every refusal they know; this is the
+            # backstop for the database finding one they missed.
+            reason = str(exc.orig).splitlines()[0][:300]
+            raise DataCheckFailed(
+                [CheckFailure(-1, "", f"the database refused the change: {reason}", 0)]
+            ) from None
         version = Version(
             head.version + 1,
             plan.result,

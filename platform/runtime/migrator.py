@@ -195,6 +195,8 @@ class _Applier:
         self.schema = schema
         self.sqlite = connection.dialect.name == "sqlite"
         self.old_md = build_tables(old)
+        self.old_md.info["bundle"] = old.doc
+        self.old_md.info["bundle_def"] = old
         self.new = Bundle.from_doc(plan.result)
         self.new_md = build_tables(self.new)
         self.plan = plan
@@ -232,15 +234,18 @@ class _Applier:
             if self.sqlite:
                 self.add_sqlite_column(op, f, column)
             else:
+                fill_later = column.server_default is None and not column.nullable
                 plain = sa.Column(
                     column.name,
                     column.type,
-                    nullable=column.nullable,
+                    nullable=column.nullable or fill_later,
                     server_default=column.server_default,
                 )
                 self.ops.add_column(op.entity, plain, schema=self.schema)
         if f.type == "lookup" and not self.sqlite:
             self._create_foreign_key(op.entity, f)
+        if not self.sqlite:
+            self._fill_default(op, f)
 
     def _create_foreign_key(self, entity: str, f: FieldDef) -> None:
         self.ops.create_foreign_key(
@@ -254,12 +259,34 @@ class _Applier:
             referent_schema=self.schema,
         )
 
-    def add_sqlite_column(self, op: Operation, f: FieldDef, column: sa.Column[Any]) -> None:
-        if not column.nullable and column.server_default is None:
-            # SQLite refuses ADD COLUMN NOT NULL without a default; the check made sure
-            # the table is empty, so rebuilding it in its new shape is cheap.
-            self.rebuild.setdefault(op.entity, {})
+    def _fill_default(self, op: Operation, f: FieldDef) -> None:
+        """Give existing rows the default of a new required field whose default is no literal.
+
+        Scalar defaults are server defaults (no rewrite); a list or object default is
+        written by UPDATE and the column made NOT NULL afterwards.
+        """
+        if not (f.required and f.has_default) or f.default is None:
             return
+        table = self.new_md.tables[op.entity]
+        column = table.c[f.name]
+        if column.server_default is not None:
+            return
+        value = fieldtypes.get(f.type).coerce(f, f.default)
+        self.conn.execute(sa.update(table).where(column.is_(None)).values({column: value}))
+        self._alter_nullable(op, f, nullable=False)
+
+    def add_sqlite_column(self, op: Operation, f: FieldDef, column: sa.Column[Any]) -> None:
+        fill_later = False
+        if not column.nullable and column.server_default is None:
+            if not (f.has_default and f.default is not None):
+                # SQLite refuses ADD COLUMN NOT NULL without a default; the check made
+                # sure the table is empty, so rebuilding it in its new shape is cheap.
+                self.rebuild.setdefault(op.entity, {})
+                return
+            # A list or object default: add the column nullable, fill it, and let the
+            # rebuild make it NOT NULL.
+            column = sa.Column(column.name, column.type, nullable=True)
+            fill_later = True
         spec = sa.schema.CreateColumn(column).compile(dialect=self.conn.dialect)
         ddl = f'ALTER TABLE "{op.entity}" ADD COLUMN {spec}'
         if f.type == "lookup":
@@ -268,6 +295,8 @@ class _Applier:
                 f"ON DELETE {ON_DELETE[f.get('on_delete', 'set_null')]}"
             )
         self.conn.exec_driver_sql(ddl)
+        if fill_later:
+            self._fill_default(op, f)
 
     def do_add_relation(self, op: Operation) -> None:
         self.new_md.tables[link_table_name(op.entity, op.field)].create(self.conn)
@@ -290,6 +319,8 @@ class _Applier:
                 index.drop(self.conn)
 
     def do_add_index(self, op: Operation) -> None:
+        if op.entity in self.rebuild and self.sqlite:
+            return  # the rebuild creates every index of the new shape
         table = self.new_md.tables[op.entity]
         name = constraint_name("ix", op.entity, op.params["index"]["name"])
         next(i for i in table.indexes if i.name == name).create(self.conn)
@@ -325,6 +356,25 @@ class _Applier:
             for column in _columns(table, f):
                 self.conn.execute(table.update().where(column.is_(None)).values({column: value}))
         self._alter_nullable(op, f, nullable=False)
+
+    def do_archive_field(self, op: Operation) -> None:
+        """Let an archived field's column take nulls: new records no longer fill it."""
+        f = self.old_md.info["bundle_def"].entities[op.entity].fields[op.field]
+        if f.required and fieldtypes.get(f.type).stored:
+            self._alter_nullable(op, f, nullable=True)
+
+    def do_change_default(self, op: Operation) -> None:
+        if self.sqlite:
+            self.rebuild.setdefault(op.entity, {})
+            return
+        column = self.new_md.tables[op.entity].c[op.field]
+        self.ops.alter_column(
+            op.entity,
+            op.field,
+            server_default=column.server_default.arg if column.server_default is not None else None,
+            existing_type=column.type,
+            schema=self.schema,
+        )
 
     def do_drop_required(self, op: Operation) -> None:
         f = self.new.entities[op.entity].fields[op.field]
@@ -371,9 +421,10 @@ class _Applier:
             self.ops.drop_column(op.entity, name, schema=self.schema)
 
     def do_purge_entity(self, op: Operation) -> None:
-        for table in list(self.old_md.tables.values()):
-            if table.name.startswith(f"{op.entity}__"):
-                table.drop(self.conn)
+        entity = Bundle.from_doc(self.old_md.info["bundle"]).entities[op.entity]
+        for f in entity.fields.values():
+            if f.type == "many_to_many":
+                self.old_md.tables[link_table_name(op.entity, f.name)].drop(self.conn)
         self.old_md.tables[op.entity].drop(self.conn)
 
     # -- SQLite table rebuild --------------------------------------------------------------

@@ -10,6 +10,7 @@ the same field messages instead of leaking as exceptions.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from sqlalchemy.engine import Connection
 from uuid6 import uuid7
 
 from metacrm.metadata import fieldtypes
+from metacrm.metadata.coltypes import SQLITE_DIGITS
 from metacrm.metadata.expression import EvalContext, compile_sql, parse
 from metacrm.metadata.fieldtypes import ValueProblem, constraint_name
 from metacrm.metadata.model import FieldDef
@@ -161,8 +163,22 @@ def _validate(
                 values[f.name] = fieldtypes.get(f.type).coerce(f, f.default)
             elif f.required:
                 errors.append({"pointer": f"{pointer}/{f.name}", "message": "is required"})
+    sqlite = c.connection.dialect.name == "sqlite"
     for name, value in values.items():
         f = c.entity.entity.fields[name]
+        if (
+            sqlite
+            and isinstance(value, decimal.Decimal)
+            and (len(value.normalize().as_tuple().digits) > SQLITE_DIGITS)
+        ):
+            errors.append(
+                {
+                    "pointer": f"{pointer}/{name}",
+                    "message": f"has more than "
+                    f"{SQLITE_DIGITS} significant digits, the most this installation's "
+                    "database (SQLite) stores exactly",
+                }
+            )
         if f.required and (value is None or value == "" or value == []):
             errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
     return values, errors

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 ENV_PREFIX = "METACRM_"
 SECRET_KEYS = frozenset({"secret_key"})
+SUPPORTED_DRIVERS = ("postgresql", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -149,16 +150,21 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
             raise SettingsError(
                 f"setting {key} from {sources.get(key)}: not a database URL"
             ) from None
+        if parsed.drivername not in SUPPORTED_DRIVERS:
+            raise SettingsError(
+                f"setting {key} from {sources.get(key)}: the driver {parsed.drivername!r} is "
+                f"not supported; use {' or '.join(SUPPORTED_DRIVERS)}"
+            )
         if backend not in ("postgresql", "sqlite"):
             raise SettingsError(
                 f"setting {key} from {sources.get(key)}: {backend!r} is not "
                 "supported; use postgresql:// or sqlite:///"
             )
     prefix = settings.tenant_schema_prefix
-    if not re.fullmatch(r"[a-z][a-z0-9_]{0,9}", prefix, re.ASCII):
+    if prefix.startswith("pg_") or not re.fullmatch(r"[a-z][a-z0-9_]{0,9}", prefix, re.ASCII):
         raise SettingsError(
             "setting tenant_schema_prefix: use 1-10 lower-case letters, digits "
-            "and underscores, starting with a letter"
+            "and underscores, starting with a letter (not pg_, which PostgreSQL reserves)"
         )
     if settings.log_level.upper() not in LOG_LEVELS:
         raise SettingsError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from uuid6 import uuid7
 
 from metacrm.metadata.identifiers import identifier_problem
 from metacrm.metadata.loader import template_folder, validate_folder
@@ -85,7 +87,10 @@ def _placement(platform: Platform, slug: str) -> tuple[str, str | None]:
     settings = platform.settings
     url = settings.tenant_database_url or settings.database_url
     if sa.make_url(url).get_backend_name() == "sqlite":
-        return f"sqlite:///{settings.tenants_dir / f'{slug}.db'}", None
+        # A file name of its own per tenant, never reused: a process that still pools
+        # connections to a deleted tenant's file can never serve it as a new tenant's.
+        name = f"{slug}-{uuid7().hex[-12:]}.db"
+        return f"sqlite:///{settings.tenants_dir / name}", None
     return url, f"{settings.tenant_schema_prefix}{slug}"
 
 
@@ -94,8 +99,13 @@ def _namespace_maker(platform: Platform, store: TenantStore) -> Callable[[Connec
     if store.schema is None:
         platform.settings.tenants_dir.mkdir(parents=True, exist_ok=True)
         path = store.engine.url.database
-        if path and Path(path).exists():
-            raise TenantError(f"a database file for '{store.slug}' already exists at {path}")
+        try:
+            # Claim the file atomically: of two creations racing, only one owns it.
+            os.close(os.open(str(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise TenantError(
+                f"a database file for '{store.slug}' already exists at {path}"
+            ) from None
 
     def make(connection: Connection) -> None:
         if store.schema is not None:
@@ -171,11 +181,16 @@ def create_tenant(
             if admin_email is not None:
                 admin, generated = _ensure_user(session, admin_email, admin_password)
                 session.add(Membership(tenant_id=tenant.id, user_id=admin.id, roles=["admin"]))
-    except BaseException:
+    except BaseException as exc:
         # On PostgreSQL a failed first publish rolled the schema back with it (and a
-        # schema that existed before is not ours); a SQLite file was made on connect.
+        # schema that existed before is not ours); the SQLite file is this call's own.
         if published or store.schema is None:
             _drop_namespace(platform, store)
+        if isinstance(exc, sa.exc.DBAPIError):
+            with platform.session() as session:
+                if platform.tenant(session, slug) is not None:
+                    # Another creation of the same slug won the race.
+                    raise TenantError(f"tenant '{slug}' already exists") from None
         raise
     return CreatedTenant(tenant, admin, generated)
 

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from metacrm.runtime.control import ApiToken, Membership, Tenant, User, utcnow
 
 PREFIX = "mcrm_"
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 
 
 def _digest(secret: str) -> str:
@@ -83,5 +84,31 @@ def authenticate(session: Session, presented: str) -> Principal | None:
     ).first()
     if row is None or not row.User.is_active or not row.Membership.is_active:
         return None
-    token.last_used_at = now
     return Principal(row.User, row.Membership, token)
+
+
+def record_use(engine: sa.Engine, token: ApiToken) -> None:
+    """Note when a token was last used, at most once a minute, never failing the request.
+
+    Authentication itself only reads, so concurrent requests on the embedded SQLite
+    database never contend for its write lock; this write starts with the UPDATE
+    (taking the lock at once) and is skipped when another request just did it.
+    """
+    now = utcnow()
+    if token.last_used_at is not None and now - token.last_used_at < LAST_USED_RESOLUTION:
+        return
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.update(ApiToken)
+                .where(ApiToken.id == token.id)
+                .where(
+                    sa.or_(
+                        ApiToken.last_used_at.is_(None),
+                        ApiToken.last_used_at < now - LAST_USED_RESOLUTION,
+                    )
+                )
+                .values(last_used_at=now)
+            )
+    except sa.exc.OperationalError:
+        pass  # a busy database; the next request records it

@@ -279,8 +279,7 @@ def test_tenant_list_shows_every_tenant_oldest_first(cli):
 
 def test_tenant_delete_needs_confirm(cli, tmp_path):
     cli.create("acme")
-    database = tmp_path / "instance" / "tenants" / "acme.db"
-    assert database.exists()
+    (database,) = (tmp_path / "instance" / "tenants").glob("acme-*.db")
     result = cli("tenant", "delete", "acme", code=1)
     assert "--confirm" in result.stderr
     assert listed(cli) == ["acme"]
@@ -564,7 +563,7 @@ def test_config_file_named_by_environment_is_used(cli, tmp_path):
     cli.env["METACRM_INSTANCE_DIR"] = None
     cli.env["METACRM_CONFIG_FILE"] = str(config)
     cli.create("acme")
-    assert (tmp_path / "from_file" / "tenants" / "acme.db").exists()
+    assert list((tmp_path / "from_file" / "tenants").glob("acme-*.db"))
 
 
 def test_unreachable_database_fails_with_a_message_not_a_traceback(cli):

@@ -16,7 +16,7 @@ from metacrm.runtime.api.problem import abort
 from metacrm.runtime.control import Tenant
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.store import TenantStore
-from metacrm.runtime.tokens import Principal, authenticate
+from metacrm.runtime.tokens import Principal, authenticate, record_use
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ def resolve(slug: str) -> RequestContext:
     if tenant is None or tenant.id != principal.token.tenant_id:
         # A valid token on another tenant's path looks exactly like an unknown tenant.
         abort(404, "not_found", "Not Found", "there is no such tenant")
+    record_use(p.control_engine, principal.token)
     context = RequestContext(tenant, p.store(tenant), principal)
     g.metacrm_context = context
     return context

@@ -14,7 +14,8 @@ from metacrm.runtime.passwords import verify_password
 
 def _namespaces(platform) -> set[str]:
     if platform.settings.embedded:
-        return {p.stem for p in platform.settings.tenants_dir.glob("*.db")}
+        # Files are named <slug>-<unique suffix>.db, never reused.
+        return {p.stem.rsplit("-", 1)[0] for p in platform.settings.tenants_dir.glob("*.db")}
     with platform.control_engine.connect() as connection:
         prefix = platform.settings.tenant_schema_prefix
         return {
