@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
 
 from metacrm.runtime import settings as settings_module
-from metacrm.runtime.api import meta, problem, service
+from metacrm.runtime.api import meta, openapi, problem, service
+from metacrm.runtime.api import records as records_api
 from metacrm.runtime.platform import Platform
 
 
@@ -24,6 +26,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     )
     app.json.ensure_ascii = False  # Chinese labels stay readable in responses
 
+    _configure_logging(settings.log_level)
     platform = Platform(settings)
     platform.init_control()
     app.extensions["metacrm"] = platform
@@ -31,4 +34,16 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     problem.init_app(app)
     app.register_blueprint(service.bp)
     app.register_blueprint(meta.bp)
+    app.register_blueprint(records_api.bp)
+    app.register_blueprint(openapi.bp)
     return app
+
+
+def _configure_logging(level: str) -> None:
+    """Send metacrm's log records to stderr at the configured level (once per process)."""
+    logger = logging.getLogger("metacrm")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)

@@ -178,10 +178,11 @@ def _decimal(f: FieldDef, value: Any) -> decimal.Decimal:
     if not number.is_finite():
         raise ValueProblem("must be a finite number")
     precision, scale = decimal_shape(f)
-    if number != number.quantize(decimal.Decimal(1).scaleb(-scale), decimal.ROUND_HALF_EVEN):
-        raise ValueProblem(f"has more than {scale} decimal places")
+    # Magnitude first: quantising a huge number overflows the decimal context.
     if abs(number) >= decimal.Decimal(10) ** (precision - scale):
         raise ValueProblem(f"has more than {precision - scale} digits before the point")
+    if number != number.quantize(decimal.Decimal(1).scaleb(-scale), decimal.ROUND_HALF_EVEN):
+        raise ValueProblem(f"has more than {scale} decimal places")
     _number_bounds(f, number)
     return number
 

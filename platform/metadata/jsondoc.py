@@ -13,6 +13,7 @@ from typing import Any
 
 MAX_DEPTH = 64
 MAX_BYTES = 5 * 1024 * 1024
+MAX_INT_DIGITS = 40
 
 
 class DocumentError(ValueError):
@@ -35,6 +36,19 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise DocumentError(f"{name} is not a JSON number")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if value in (float("inf"), float("-inf")):
+        raise DocumentError(f"the number {literal[:40]} is too large")
+    return value
+
+
+def _bounded_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise DocumentError(f"a whole number has more than {MAX_INT_DIGITS} digits")
+    return int(literal)
 
 
 def _check_depth(text: str, max_depth: int) -> None:
@@ -77,10 +91,37 @@ def loads(data: bytes | str, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX
         text = text[1:]
     _check_depth(text, max_depth)
     try:
-        return json.loads(
-            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+        document = json.loads(
+            text,
+            object_pairs_hook=_refuse_duplicates,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
         )
     except json.JSONDecodeError as exc:
         raise DocumentError(
             f"invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
+    _check_strings(document)
+    return document
+
+
+def _check_strings(document: Any) -> None:
+    """Refuse NUL characters and lone surrogates (\\ud800), which no database stores."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise DocumentError("a string contains a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DocumentError(
+                    "a string contains a lone surrogate (an unpaired \\u escape)"
+                ) from None

@@ -46,7 +46,7 @@ def json_value(value: Any) -> Any:
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
-        return str(value)
+        return format(value, "f")  # never exponent form such as 1.00E-8
     if isinstance(value, float):
         return value
     if isinstance(value, list):
