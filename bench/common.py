@@ -218,9 +218,7 @@ def format_environment(env: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def private_database(
-    admin_url: str = PG_ADMIN_URL, prefix: str = "metacrm_bench"
-) -> Iterator[str]:
+def private_database(admin_url: str = PG_ADMIN_URL, prefix: str = "metacrm_bench") -> Iterator[str]:
     """Create a PostgreSQL database for this run, yield its URL, and drop it afterwards."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
@@ -333,7 +331,7 @@ class Row:
 def _number(value: float | None) -> str:
     if value is None or value != value:
         return "-"
-    if float(value).is_integer() and abs(value) >= 1:
+    if float(value).is_integer():
         return f"{int(value):,}"
     magnitude = abs(value)
     if magnitude >= 100:
@@ -408,10 +406,10 @@ class Report:
         title: str,
         rows: list[Row],
         baseline_label: str = "baseline",
-        **details: Any,
+        details: dict[str, Any] | None = None,
     ) -> Section:
-        """Print one table now and keep it for the JSON record."""
-        section = Section(title, rows, baseline_label, details)
+        """Print one table now and keep it (and its details) for the JSON record."""
+        section = Section(title, rows, baseline_label, details or {})
         self.sections.append(section)
         print()
         print(format_table(title, rows, baseline_label), flush=True)
