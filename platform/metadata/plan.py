@@ -711,9 +711,16 @@ def describe_change(old: Bundle, new: Bundle, forward: bool = True) -> Plan:
     return planner.run()
 
 
-def make_plan(old: Bundle, new_doc: Any, purge: Iterable[str] = ()) -> Plan:
-    """Validate ``new_doc`` and plan the change from ``old``; raise BundleInvalid when refused."""
-    require_valid(new_doc)
+def make_plan(
+    old: Bundle, new_doc: Any, purge: Iterable[str] = (), *, validated: bool = False
+) -> Plan:
+    """Validate ``new_doc`` and plan the change from ``old``; raise BundleInvalid when refused.
+
+    ``validated`` skips the first validation for a document the caller has just
+    validated itself (a shipped template, checked once when it is loaded).
+    """
+    if not validated:
+        require_valid(new_doc)
     planner = _Planner(old, copy.deepcopy(dict(new_doc)), set(purge))
     plan = planner.run()
     if planner.carried:

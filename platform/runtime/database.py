@@ -10,6 +10,7 @@ functions the expression language needs are registered.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +20,8 @@ from sqlalchemy.engine import Engine
 from metacrm.metadata.expression import register_sqlite_functions
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+#: Engines kept open at once; beyond it the least recently used is disposed.
+MAX_ENGINES = 64
 
 
 def _setup_sqlite(engine: Engine) -> None:
@@ -41,24 +44,35 @@ def _setup_sqlite(engine: Engine) -> None:
 
 
 class Engines:
-    """A cache of engines keyed by URL, so tenants on one server share one pool."""
+    """A cache of engines keyed by URL, so tenants on one server share one pool.
 
-    def __init__(self, pool_size: int = 5, echo: bool = False) -> None:
-        self._engines: dict[str, Engine] = {}
+    PostgreSQL tenants share a handful of URLs. Each SQLite tenant is a file with an
+    engine of its own, so the cache keeps the most recently used ones and disposes
+    the rest: a thousand tenants must not mean a thousand pools of open files.
+    """
+
+    def __init__(
+        self, pool_size: int = 5, echo: bool = False, max_engines: int = MAX_ENGINES
+    ) -> None:
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._lock = threading.Lock()
         self._pool_size = pool_size
         self._echo = echo
+        self._max_engines = max_engines
 
     def get(self, url: str) -> Engine:
         """Return the engine for ``url``, creating it on first use."""
-        engine = self._engines.get(url)
-        if engine is not None:
-            return engine
         with self._lock:
             engine = self._engines.get(url)
             if engine is None:
                 engine = create_engine(url, pool_size=self._pool_size, echo=self._echo)
                 self._engines[url] = engine
+                while len(self._engines) > self._max_engines:
+                    # Connections checked out of an evicted engine stay valid; they
+                    # are closed when returned instead of going back to a pool.
+                    self._engines.popitem(last=False)[1].dispose()
+            else:
+                self._engines.move_to_end(url)
             return engine
 
     def dispose(self, engine: Engine | None = None) -> None:

@@ -211,6 +211,7 @@ def publish(
     lock_timeout_ms: int = 2000,
     attempts: int = 5,
     prepare: Callable[[Connection], None] | None = None,
+    validated: bool = False,
 ) -> Version:
     """Apply a new bundle as the next version, or raise and change nothing.
 
@@ -238,6 +239,7 @@ def publish(
                 action,
                 lock_timeout_ms,
                 prepare,
+                validated,
             )
         except DBAPIError as exc:
             code = getattr(exc.orig, "sqlstate", None)
@@ -262,6 +264,7 @@ def _publish_once(
     action: str,
     lock_timeout_ms: int,
     prepare: Callable[[Connection], None] | None,
+    validated: bool,
 ) -> Version:
     with _publishing(store, lock_timeout_ms) as connection:
         if prepare is not None:
@@ -270,7 +273,7 @@ def _publish_once(
         if head.version != expected_version or not 0 <= expected_version < MAX_VERSION:
             raise VersionConflict(expected_version, head.version)
         old = Bundle.from_doc(head.bundle)
-        plan = make_plan(old, new_doc, purge)
+        plan = make_plan(old, new_doc, purge, validated=validated)
         if plan.empty and head.version:
             return head
         if plan.destructive and not confirm_destructive:

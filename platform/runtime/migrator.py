@@ -480,8 +480,9 @@ def apply_plan(connection: Connection, schema: str | None, old: Bundle, plan: Pl
     Search indexes follow the new shape in the same transaction (a SQLite table
     rebuild drops the triggers that keep them in sync).
     """
-    _Applier(connection, schema, old, plan).run()
-    ensure_search_indexes(connection, compile_model(0, plan.result))
+    applier = _Applier(connection, schema, old, plan)
+    applier.run()
+    ensure_search_indexes(connection, compile_model(0, plan.result, applier.new_md))
 
 
 def foreign_key_violations(connection: Connection) -> list[tuple[Any, ...]]:

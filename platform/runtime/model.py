@@ -73,10 +73,12 @@ class TenantModel:
         return self.entities.get(name)
 
 
-def compile_model(version: int, bundle_doc: Mapping[str, Any]) -> TenantModel:
-    """Compile a published bundle into the runtime's model."""
+def compile_model(
+    version: int, bundle_doc: Mapping[str, Any], metadata: sa.MetaData | None = None
+) -> TenantModel:
+    """Compile a published bundle into the runtime's model (reusing its tables if built)."""
     bundle = Bundle.from_doc(bundle_doc)
-    metadata = build_tables(bundle)
+    metadata = metadata if metadata is not None else build_tables(bundle)
     entities = {}
     for entity in bundle.active_entities():
         links = {

@@ -188,13 +188,15 @@ def _schema(connection: Connection) -> str | None:
 
 
 def _trigram_indexes(connection: Connection, schema: str | None, table: str) -> set[str]:
+    # Look the table up by OID through the catalog's own indexes: the pg_indexes view
+    # scans pg_class, which grows with every tenant's tables on a shared server.
+    qualified = f'"{schema}"."{table}"' if schema else f'"{table}"'
     rows = connection.execute(
         sa.text(
-            "SELECT indexname FROM pg_indexes WHERE schemaname = "
-            "coalesce(:schema, current_schema()) AND tablename = :table "
-            "AND indexname LIKE :prefix"
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = to_regclass(:qualified) AND c.relname LIKE :prefix"
         ),
-        {"schema": schema, "table": table, "prefix": _TRIGRAM_INDEX_PREFIX + r"\_%"},
+        {"qualified": qualified, "prefix": _TRIGRAM_INDEX_PREFIX + r"\_%"},
     )
     return {row[0] for row in rows}
 

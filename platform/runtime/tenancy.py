@@ -169,6 +169,7 @@ def create_tenant(
             action="create",
             comment=f"created from template {template}",
             prepare=make_namespace,
+            validated=True,  # validated when the template was loaded (_template)
         )
         published = True
         with platform.session() as session:
