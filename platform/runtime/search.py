@@ -193,8 +193,11 @@ def _trigram_indexes(connection: Connection, schema: str | None, table: str) -> 
     qualified = f'"{schema}"."{table}"' if schema else f'"{table}"'
     rows = connection.execute(
         sa.text(
+            # The sub-select pins the plan to pg_index's indrelid index; a bare
+            # LIKE would let it range-scan every tenant's trigram index names.
             "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE i.indrelid = to_regclass(:qualified) AND c.relname LIKE :prefix"
+            "WHERE i.indrelid = (SELECT to_regclass(:qualified))::oid "
+            "AND c.relname || '' LIKE :prefix"
         ),
         {"qualified": qualified, "prefix": _TRIGRAM_INDEX_PREFIX + r"\_%"},
     )
