@@ -19,20 +19,19 @@ IDENTIFIER_PATTERN = r"[a-z][a-z0-9_]{0,62}"
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN, re.ASCII)
 MAX_LENGTH = 63
 
-#: Columns every entity table has; the platform sets them, never a client.
-SYSTEM_COLUMNS = frozenset(
-    {
-        "id",
-        "owner_id",
-        "team_id",
-        "created_at",
-        "created_by",
-        "updated_at",
-        "updated_by",
-        "version",
-        "deleted_at",
-    }
+#: Columns every entity table has, in table order; the platform sets them, never a client.
+SYSTEM_COLUMN_ORDER = (
+    "id",
+    "owner_id",
+    "team_id",
+    "created_at",
+    "created_by",
+    "updated_at",
+    "updated_by",
+    "version",
+    "deleted_at",
 )
+SYSTEM_COLUMNS = frozenset(SYSTEM_COLUMN_ORDER)
 
 #: Words the REST API and query strings use next to entity and field names.
 API_WORDS = frozenset(

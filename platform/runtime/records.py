@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -39,6 +40,23 @@ from metacrm.runtime.recordview import (
 from metacrm.runtime.store import audit, outbox, sequence
 
 MASK = "********"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _in_savepoint(func: _F) -> _F:
+    """Run a writer in a SAVEPOINT of the caller's transaction.
+
+    A refused write (a rule that fails after the row was written, a race on a
+    unique value) must leave nothing behind even when the caller catches the
+    error and goes on using its transaction.
+    """
+
+    @functools.wraps(func)
+    def wrapper(connection: Connection, *args: Any, **kwargs: Any) -> Any:
+        with connection.begin_nested():
+            return func(connection, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -448,7 +466,8 @@ def _integrity(c: _Context, exc: sa.exc.IntegrityError, pointer: str = "") -> Re
     )
 
 
-def _create_many(
+@_in_savepoint
+def create_many(
     connection: Connection,
     model: TenantModel,
     entity: EntityModel,
@@ -458,7 +477,7 @@ def _create_many(
     *,
     bulk: bool = False,
 ) -> list[dict[str, Any]]:
-    """Create records; see ``create_many``."""
+    """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``."""
     c = _context(connection, model, entity, caller, cipher)
     prepared: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, str]] = []
@@ -559,7 +578,8 @@ def _old_value(c: _Context, f: FieldDef, row: Mapping[str, Any]) -> Any:
     return row[f.name]
 
 
-def _update_many(
+@_in_savepoint
+def update_many(
     connection: Connection,
     model: TenantModel,
     entity: EntityModel,
@@ -570,7 +590,7 @@ def _update_many(
     bulk: bool = False,
     scope: sa.ColumnElement[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Apply partial updates; see ``update_many``."""
+    """Apply partial updates ``(id, patch, expected_version)``, all or none."""
     c = _context(connection, model, entity, caller, cipher)
     prepared = []
     errors: list[dict[str, str]] = []
@@ -642,7 +662,8 @@ def update(
     )[0]
 
 
-def _set_deleted_unsafe(
+@_in_savepoint
+def _set_deleted(
     connection: Connection,
     model: TenantModel,
     entity: EntityModel,
@@ -700,7 +721,8 @@ def restore(
     return _fetch(connection, model, entity, record_id, ctx)
 
 
-def _purge(
+@_in_savepoint
+def purge(
     connection: Connection,
     model: TenantModel,
     entity: EntityModel,
@@ -708,7 +730,7 @@ def _purge(
     caller: Caller,
     scope: sa.ColumnElement[bool] | None = None,
 ) -> None:
-    """Delete a record for good; see ``purge``."""
+    """Delete a record from the recycle bin for good (lookups act as their on_delete says)."""
     c = _context(connection, model, entity, caller, FieldCipher("unused-for-purges"))
     row = _current(c, record_id, deleted=True, scope=scope)
     try:
@@ -743,71 +765,3 @@ def decrypt_field(
         sa.select(entity.table.c[field_name]).where(entity.table.c.id == record_id)
     ).scalar()
     return None if value is None else cipher.decrypt(value)
-
-
-# -- public writers: each runs in a SAVEPOINT ---------------------------------------------
-#
-# A refused write must leave nothing behind even when the caller catches the error
-# and goes on using its transaction, so every writer undoes its own partial work.
-
-
-def create_many(
-    connection: Connection,
-    model: TenantModel,
-    entity: EntityModel,
-    items: Sequence[Any],
-    caller: Caller,
-    cipher: FieldCipher,
-    *,
-    bulk: bool = False,
-) -> list[dict[str, Any]]:
-    """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``."""
-    with connection.begin_nested():
-        return _create_many(connection, model, entity, items, caller, cipher, bulk=bulk)
-
-
-def update_many(
-    connection: Connection,
-    model: TenantModel,
-    entity: EntityModel,
-    items: Sequence[tuple[uuid.UUID, Any, int | None]],
-    caller: Caller,
-    cipher: FieldCipher,
-    *,
-    bulk: bool = False,
-    scope: sa.ColumnElement[bool] | None = None,
-) -> list[dict[str, Any]]:
-    """Apply partial updates ``(id, patch, expected_version)``, all or none."""
-    with connection.begin_nested():
-        return _update_many(
-            connection, model, entity, items, caller, cipher, bulk=bulk, scope=scope
-        )
-
-
-def _set_deleted(
-    connection: Connection,
-    model: TenantModel,
-    entity: EntityModel,
-    ids: Iterable[tuple[uuid.UUID, int | None]],
-    caller: Caller,
-    *,
-    restoring: bool,
-    scope: sa.ColumnElement[bool] | None = None,
-) -> None:
-    with connection.begin_nested():
-        _set_deleted_unsafe(
-            connection, model, entity, ids, caller, restoring=restoring, scope=scope
-        )
-
-
-def purge(
-    connection: Connection,
-    model: TenantModel,
-    entity: EntityModel,
-    record_id: uuid.UUID,
-    caller: Caller,
-    scope: sa.ColumnElement[bool] | None = None,
-) -> None:
-    """Delete a record from the recycle bin for good (lookups act as their on_delete says)."""
-    with connection.begin_nested():
-        _purge(connection, model, entity, record_id, caller, scope=scope)

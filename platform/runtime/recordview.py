@@ -19,20 +19,11 @@ from sqlalchemy.engine import Connection
 
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.expression import EvalContext, compile_sql, parse, table_resolver
+from metacrm.metadata.identifiers import SYSTEM_COLUMN_ORDER
 from metacrm.metadata.model import FieldDef
 from metacrm.runtime.model import EntityModel, TenantModel
 
-SYSTEM_FIELDS = (
-    "id",
-    "owner_id",
-    "team_id",
-    "created_at",
-    "created_by",
-    "updated_at",
-    "updated_by",
-    "version",
-    "deleted_at",
-)
+SYSTEM_FIELDS = SYSTEM_COLUMN_ORDER
 
 
 def json_value(value: Any) -> Any:
