@@ -19,6 +19,8 @@ Run: ``.venv/bin/python -m bench.o13_tenants [--quick] [--tenants N] [--backend 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import os
 import sqlite3
@@ -283,105 +285,142 @@ class Side:
     objects: frozenset[str] = frozenset()
     details: dict[str, Any] = field(default_factory=dict)
 
-    def timed(self, count: int, create: Callable[[int], object]) -> None:
-        """Call ``create(i)`` for each tenant, timing each call and the thread's CPU."""
-        clock = time.perf_counter
+    def timed(self, create: Callable[[], object]) -> None:
+        """Call ``create()`` once, adding its wall time and the thread's CPU time."""
         cpu = time.thread_time()
-        started = clock()
-        for i in range(count):
-            t0 = clock()
-            create(i)
-            self.seconds.append(clock() - t0)
-        self.total_seconds = clock() - started
-        self.client_cpu = time.thread_time() - cpu
+        start = time.perf_counter()
+        create()
+        elapsed = time.perf_counter() - start
+        self.client_cpu += time.thread_time() - cpu
+        self.seconds.append(elapsed)
+        self.total_seconds += elapsed
 
 
-def run_metacrm(backend: str, tenants: int, pg_url: str | None, folder: Path) -> Side:
-    """Create ``tenants`` tenants through metacrm and measure each creation."""
-    overrides: dict[str, Any] = {
-        "instance_dir": str(folder),
-        "secret_key": "bench-secret-key-0123456789",
-    }
-    if pg_url:
-        overrides["database_url"] = pg_url
-    platform = Platform(settings.load(overrides, environ={}))
-    side = Side()
-    try:
-        platform.init_control()
+class Metacrm:
+    """Creates tenants through ``tenancy.create_tenant`` on one backend."""
+
+    def __init__(self, pg_url: str | None, folder: Path) -> None:
+        overrides: dict[str, Any] = {
+            "instance_dir": str(folder),
+            "secret_key": "bench-secret-key-0123456789",
+        }
+        if pg_url:
+            overrides["database_url"] = pg_url
+        self.pg_url = pg_url
+        self.platform = Platform(settings.load(overrides, environ={}))
+        self.platform.init_control()
         for k in range(WARMUP_TENANTS):
-            tenancy.create_tenant(platform, f"warm{k}", f"Warm-up {k}")
+            tenancy.create_tenant(self.platform, f"warm{k}", f"Warm-up {k}")
+        self.first: Any = None
+
+    def create(self, i: int) -> None:
+        created = tenancy.create_tenant(self.platform, f"b{i:05d}", f"Bench tenant {i}")
+        if self.first is None:
+            self.first = created.tenant
+
+    def objects(self) -> frozenset[str]:
+        if self.pg_url:
+            return _pg_objects(self.pg_url, self.first.schema)
+        return _sqlite_objects(Path(sa.make_url(self.first.database_url).database or ""))
+
+    def close(self) -> None:
+        self.platform.close()
+
+
+class Floor:
+    """Creates the same tables with precompiled DDL through the driver, one transaction each."""
+
+    def __init__(self, pg_url: str | None, folder: Path) -> None:
+        self.pg_url = pg_url
+        self.folder = folder
+        self.connection: psycopg.Connection[Any] | None = None
+        if pg_url:
+            self.connection = psycopg.connect(libpq_url(pg_url))
+            self.statements = core_ddl(postgresql.dialect(), trigram_schema(self.connection))
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.statements = core_ddl(sqlite_dialect.dialect())
+
+    def create(self, i: int) -> None:
+        if self.connection is not None:
+            schema = f"f_{i:05d}"
+            script = ";\n".join(
+                [f'CREATE SCHEMA "{schema}"']
+                + [s.replace(SCHEMA_PLACEHOLDER, schema) for s in self.statements]
+            )
+            self.connection.execute(script.encode())
+            self.connection.commit()
+            return
+        connection = sqlite3.connect(self.folder / f"f{i:05d}.db", isolation_level=None)
+        try:
+            for pragma in SQLITE_PRAGMAS:
+                connection.execute(pragma)
+            connection.execute("BEGIN")
+            for statement in self.statements:
+                connection.execute(statement)
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+
+    def objects(self) -> frozenset[str]:
+        if self.pg_url:
+            return _pg_objects(self.pg_url, "f_00000")
+        return _sqlite_objects(self.folder / "f00000.db")
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def run_repetition(
+    backend: str, tenants: int, ours_url: str | None, floor_url: str | None, folder: Path
+) -> tuple[Side, Side]:
+    """Create ``tenants`` tenants with metacrm and with the floor, alternating one by one.
+
+    Alternating (and swapping which goes first) means a burst of load from
+    other work on the machine hits both sides alike.
+    """
+    ours, floor = Side(), Side()
+    metacrm = Metacrm(ours_url, folder / "metacrm")
+    baseline = Floor(floor_url, folder / "floor")
+    try:
         gc.collect()
         before = memory_kib()
-        with ConnectionWatch(pg_url) if pg_url else _nothing() as watch:
-            side.timed(
-                tenants,
-                lambda i: tenancy.create_tenant(platform, f"b{i:05d}", f"Bench tenant {i}"),
+        with contextlib.ExitStack() as stack:
+            watches = (
+                [stack.enter_context(ConnectionWatch(u)) for u in (ours_url, floor_url) if u]
+                if backend == "postgresql"
+                else []
             )
+            for i in range(tenants):
+                pair = [(ours, metacrm), (floor, baseline)]
+                for side, creator in pair if i % 2 == 0 else reversed(pair):
+                    side.timed(functools.partial(creator.create, i))
         after = memory_kib()
-        side.details.update(
+        ours.details.update(
             rss_before_mib=before["rss"] / 1024,
             rss_after_mib=after["rss"] / 1024,
             rss_peak_mib=after["peak"] / 1024,
-            engines=len(platform.engines._engines),
+            engines=len(metacrm.platform.engines._engines),
         )
-        if pg_url:
-            side.server_cpu = watch.server_cpu
-            side.details.update(
-                server_connections_peak=watch.peak,
-                server_connections_seen=len(watch.pids),
-                pool=platform.control_engine.pool.status(),
+        if watches:
+            ours.server_cpu, floor.server_cpu = watches[0].server_cpu, watches[1].server_cpu
+            ours.details.update(
+                server_connections_peak=watches[0].peak,
+                server_connections_seen=len(watches[0].pids),
+                pool=metacrm.platform.control_engine.pool.status(),
             )
-            memory = catalog_memory(platform.control_engine)
-            side.details["catalog_mib_per_connection"] = [round(m, 1) for m in memory]
-            side.objects = _pg_objects(pg_url, "t_b00000")
+            memory = catalog_memory(metacrm.platform.control_engine)
+            ours.details["catalog_mib_per_connection"] = [round(m, 1) for m in memory]
         else:
-            side.details["open_database_files"] = open_database_files()
-            side.objects = _sqlite_objects(next((folder / "tenants").glob("b00000-*.db")))
+            ours.details["open_database_files"] = open_database_files()
+        ours.objects = metacrm.objects()
+        floor.objects = baseline.objects()
+        floor.details["statements_per_tenant"] = len(baseline.statements)
     finally:
-        platform.close()
-    return side
-
-
-def run_floor(backend: str, tenants: int, pg_url: str | None, folder: Path) -> Side:
-    """Create the same tables with precompiled DDL through the driver, per tenant."""
-    side = Side()
-    if pg_url:
-        with psycopg.connect(libpq_url(pg_url)) as connection:
-            statements = core_ddl(postgresql.dialect(), trigram_schema(connection))
-
-            def create(i: int) -> None:
-                schema = f"f_{i:05d}"
-                script = ";\n".join(
-                    [f'CREATE SCHEMA "{schema}"']
-                    + [s.replace(SCHEMA_PLACEHOLDER, schema) for s in statements]
-                )
-                connection.execute(script.encode())
-                connection.commit()
-
-            with ConnectionWatch(pg_url) as watch:
-                side.timed(tenants, create)
-            side.server_cpu = watch.server_cpu
-        side.objects = _pg_objects(pg_url, "f_00000")
-    else:
-        statements = core_ddl(sqlite_dialect.dialect())
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def create(i: int) -> None:
-            connection = sqlite3.connect(folder / f"f{i:05d}.db", isolation_level=None)
-            try:
-                for pragma in SQLITE_PRAGMAS:
-                    connection.execute(pragma)
-                connection.execute("BEGIN")
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute("COMMIT")
-            finally:
-                connection.close()
-
-        side.timed(tenants, create)
-        side.objects = _sqlite_objects(folder / "f00000.db")
-    side.details["statements_per_tenant"] = len(statements)
-    return side
+        metacrm.close()
+        baseline.close()
+    return ours, floor
 
 
 def _pg_objects(url: str, schema: str) -> frozenset[str]:
@@ -410,11 +449,6 @@ def _sqlite_objects(path: Path) -> frozenset[str]:
 
 
 @contextmanager
-def _nothing() -> Iterator[Any]:
-    yield None
-
-
-@contextmanager
 def _database(backend: str, admin_url: str, prefix: str) -> Iterator[str | None]:
     if backend != "postgresql":
         yield None
@@ -426,14 +460,19 @@ def _database(backend: str, admin_url: str, prefix: str) -> Iterator[str | None]
 def measure_backend(
     backend: str, tenants: int, repetitions: int, admin_url: str, workdir: Path
 ) -> tuple[list[Side], list[Side]]:
-    """Run metacrm and the floor ``repetitions`` times, each on a fresh database."""
+    """Run metacrm and the floor ``repetitions`` times, each on fresh databases."""
     ours: list[Side] = []
     floor: list[Side] = []
     for rep in range(repetitions):
-        with _database(backend, admin_url, "metacrm_bench_o13") as url:
-            ours.append(run_metacrm(backend, tenants, url, workdir / f"{backend}-m{rep}"))
-        with _database(backend, admin_url, "metacrm_bench_o13_floor") as url:
-            floor.append(run_floor(backend, tenants, url, workdir / f"{backend}-f{rep}"))
+        with (
+            _database(backend, admin_url, "metacrm_bench_o13") as ours_url,
+            _database(backend, admin_url, "metacrm_bench_o13_floor") as floor_url,
+        ):
+            mine, base = run_repetition(
+                backend, tenants, ours_url, floor_url, workdir / f"{backend}-{rep}"
+            )
+        ours.append(mine)
+        floor.append(base)
     return ours, floor
 
 
@@ -466,7 +505,7 @@ def backend_rows(backend: str, ours: list[Side], floor: list[Side]) -> list[Row]
     )
     rows.append(
         Row(
-            "all tenants, wall time",
+            "all tenants, sum of creation times",
             statistics.median(s.total_seconds for s in ours),
             "s",
             statistics.median(s.total_seconds for s in floor),
