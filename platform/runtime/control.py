@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from uuid6 import uuid7
 
 from metacrm.metadata.coltypes import JSONValue, UTCDateTime
@@ -57,8 +57,25 @@ class User(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class Team(Base):
+    """A group of a tenant's members; teams nest, and a team sees its sub-teams' records."""
+
+    __tablename__ = "team"
+    __table_args__ = (sa.UniqueConstraint("tenant_id", "name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("tenant.id", ondelete="CASCADE"))
+    #: API name of the team (the identifier grammar), stable; ``label`` is what people read.
+    name: Mapped[str] = mapped_column(sa.String(63))
+    label: Mapped[str] = mapped_column(sa.String(200))
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("team.id", ondelete="RESTRICT")
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class Membership(Base):
-    """A user's place in one tenant: the roles they hold there."""
+    """A user's place in one tenant: roles, team and manager (reports-to) there."""
 
     __tablename__ = "membership"
     __table_args__ = (sa.UniqueConstraint("tenant_id", "user_id"),)
@@ -67,6 +84,11 @@ class Membership(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("tenant.id", ondelete="CASCADE"))
     user_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("user_account.id", ondelete="CASCADE"))
     roles: Mapped[list[str]] = mapped_column(JSONValue())
+    team_id: Mapped[uuid.UUID | None] = mapped_column(sa.ForeignKey("team.id", ondelete="SET NULL"))
+    #: The user this member reports to (approvals and escalations go there).
+    manager_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("user_account.id", ondelete="SET NULL")
+    )
     is_active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -86,6 +108,35 @@ class ApiToken(Base):
     expires_at: Mapped[dt.datetime | None]
     last_used_at: Mapped[dt.datetime | None]
     revoked_at: Mapped[dt.datetime | None]
+
+
+def teams_within(
+    session: Session, tenant_id: uuid.UUID, team_id: uuid.UUID | None
+) -> tuple[uuid.UUID, ...]:
+    """Return ``team_id`` and every team nested below it, in one tenant.
+
+    This is what the ``team`` scope and ``my_team()`` mean: a manager of a team
+    sees its sub-teams' records too. A tenant's teams are few, so they are read
+    at once and walked in memory; a parent cycle cannot loop.
+    """
+    if team_id is None:
+        return ()
+    children: dict[uuid.UUID, list[uuid.UUID]] = {}
+    rows = session.execute(sa.select(Team.id, Team.parent_id).where(Team.tenant_id == tenant_id))
+    for child, parent in rows:
+        if parent is not None:
+            children.setdefault(parent, []).append(child)
+    found: list[uuid.UUID] = []
+    seen: set[uuid.UUID] = set()
+    pending = [team_id]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        found.append(current)
+        pending.extend(children.get(current, ()))
+    return tuple(found)
 
 
 def create_schema(engine: sa.Engine) -> None:

@@ -12,12 +12,12 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from metacrm.runtime.control import ApiToken, Membership, Tenant, User, utcnow
+from metacrm.runtime.principal import Principal
 
 PREFIX = "mcrm_"
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
@@ -25,15 +25,6 @@ LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request acts for: a member of the tenant, and through which token."""
-
-    user: User
-    membership: Membership
-    token: ApiToken
 
 
 def create_token(
@@ -84,7 +75,7 @@ def authenticate(session: Session, presented: str) -> Principal | None:
     ).first()
     if row is None or not row.User.is_active or not row.Membership.is_active:
         return None
-    return Principal(row.User, row.Membership, token)
+    return Principal(row.User, row.Membership, token=token)
 
 
 def record_use(engine: sa.Engine, token: ApiToken) -> None:

@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 from metacrm.runtime.api.problem import abort
 from metacrm.runtime.control import Tenant
 from metacrm.runtime.platform import Platform
+from metacrm.runtime.principal import Principal
 from metacrm.runtime.store import TenantStore
-from metacrm.runtime.tokens import Principal, authenticate, record_use
+from metacrm.runtime.tokens import authenticate, record_use
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,11 @@ def resolve(slug: str) -> RequestContext:
             "Authentication required",
             "the API token is unknown, expired or revoked",
         )
-    if tenant is None or tenant.id != principal.token.tenant_id:
+    if tenant is None or tenant.id != principal.tenant_id:
         # A valid token on another tenant's path looks exactly like an unknown tenant.
         abort(404, "not_found", "Not Found", "there is no such tenant")
-    record_use(p.control_engine, principal.token)
+    if principal.token is not None:
+        record_use(p.control_engine, principal.token)
     context = RequestContext(tenant, p.store(tenant), principal)
     g.metacrm_context = context
     return context

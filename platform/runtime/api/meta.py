@@ -36,7 +36,7 @@ _TYPE_NAMES = {
 def _context(tenant: str, manage: bool = False) -> RequestContext:
     context = resolve(tenant)
     if manage:
-        if context.principal.token.read_only:
+        if context.principal.read_only:
             abort(403, "forbidden", "Forbidden", "this API token is read-only")
         with context.store.connect() as connection:
             bundle = metastore.current(connection).bundle

@@ -75,7 +75,7 @@ def _context(tenant: str, write: bool = False) -> RequestContext:
     """Authenticate first, so nothing about a request is answered to a stranger."""
     context = resolve(tenant)
     if write:
-        if context.principal.token.read_only:
+        if context.principal.read_only:
             abort(403, "forbidden", "Forbidden", "this API token is read-only")
         _only()
     return context

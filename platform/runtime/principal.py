@@ -1,0 +1,34 @@
+"""Who a request acts for: a member of one tenant, through a token or a login session.
+
+Every way in (bearer token, login session, a rule run on a user's behalf)
+ends in a ``Principal``; access checks read only this, so there is one
+permission path whatever the credential.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from metacrm.runtime.control import ApiToken, Membership, User
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A tenant member and the credential the request came with."""
+
+    user: User
+    membership: Membership
+    #: The bearer token the request presented, if it came with one.
+    token: ApiToken | None = None
+    #: The server-side login session the request's cookie names, if it came with one.
+    session_id: uuid.UUID | None = None
+
+    @property
+    def tenant_id(self) -> uuid.UUID:
+        return self.membership.tenant_id
+
+    @property
+    def read_only(self) -> bool:
+        """Tell whether the credential only allows reading (a read-only token)."""
+        return self.token is not None and self.token.read_only
