@@ -23,6 +23,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from metacrm.metadata.model import Bundle, empty_bundle
 from metacrm.metadata.plan import Plan, describe_change, make_plan
 from metacrm.metadata.validation import BundleInvalid, Problem
+from metacrm.runtime import audittrail
 from metacrm.runtime.migrator import (
     CheckFailure,
     DataCheckFailed,
@@ -212,6 +213,7 @@ def publish(
     attempts: int = 5,
     prepare: Callable[[Connection], None] | None = None,
     validated: bool = False,
+    rollback_to: int | None = None,
 ) -> Version:
     """Apply a new bundle as the next version, or raise and change nothing.
 
@@ -240,6 +242,7 @@ def publish(
                 lock_timeout_ms,
                 prepare,
                 validated,
+                rollback_to,
             )
         except DBAPIError as exc:
             code = getattr(exc.orig, "sqlstate", None)
@@ -265,6 +268,7 @@ def _publish_once(
     lock_timeout_ms: int,
     prepare: Callable[[Connection], None] | None,
     validated: bool,
+    rollback_to: int | None = None,
 ) -> Version:
     with _publishing(store, lock_timeout_ms) as connection:
         if prepare is not None:
@@ -315,6 +319,22 @@ def _publish_once(
             )
         except IntegrityError:
             raise VersionConflict(expected_version, head.version + 1) from None
+        detail: dict[str, Any] = {
+            "version": version.version,
+            "previous_version": head.version,
+            "comment": comment,
+            "operations": len(version.operations),
+        }
+        if rollback_to is not None:
+            detail["to_version"] = rollback_to
+        audittrail.append(
+            connection,
+            action=f"meta.{action}",
+            actor_id=actor.user_id,
+            actor_name=actor.name,
+            detail=detail,
+            at=version.created_at,
+        )
         return version
 
 
@@ -342,4 +362,5 @@ def rollback(
         confirm_destructive=confirm_destructive,
         action="rollback",
         lock_timeout_ms=lock_timeout_ms,
+        rollback_to=to_version,
     )

@@ -27,6 +27,7 @@ from metacrm.metadata.coltypes import SQLITE_DIGITS
 from metacrm.metadata.expression import EvalContext, compile_sql, parse
 from metacrm.metadata.fieldtypes import ValueProblem, constraint_name
 from metacrm.metadata.model import FieldDef
+from metacrm.runtime import audittrail
 from metacrm.runtime.crypto import FieldCipher
 from metacrm.runtime.model import EntityModel, TenantModel
 from metacrm.runtime.recordschema import load_payload
@@ -37,7 +38,7 @@ from metacrm.runtime.recordview import (
     select_columns,
     to_json,
 )
-from metacrm.runtime.store import audit, outbox, sequence
+from metacrm.runtime.store import outbox, sequence
 
 MASK = "********"
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -405,18 +406,6 @@ def _log(
     c: _Context, record_id: uuid.UUID, operation: str, changes: dict[str, Any], version: int
 ) -> None:
     c.connection.execute(
-        audit.insert().values(
-            id=uuid7(),
-            at=c.now,
-            actor_id=c.caller.user_id,
-            actor_name=c.caller.name,
-            entity=c.entity.name,
-            record_id=record_id,
-            operation=operation,
-            changes=changes,
-        )
-    )
-    c.connection.execute(
         outbox.insert().values(
             created_at=c.now,
             event=f"record.{operation}",
@@ -431,6 +420,18 @@ def _log(
                 "changes": changes,
             },
         )
+    )
+    # Last: appending takes the tenant's audit lock, held until the commit.
+    audittrail.append(
+        c.connection,
+        action=f"record.{operation}",
+        actor_id=c.caller.user_id,
+        actor_name=c.caller.name,
+        entity=c.entity.name,
+        record_id=record_id,
+        changes=changes,
+        detail={"version": version},
+        at=c.now,
     )
 
 

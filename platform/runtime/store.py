@@ -35,20 +35,69 @@ meta_version = sa.Table(
     sa.Column("created_by_name", sa.String(254), nullable=True),
 )
 
-#: Every write to a record: who, when, what changed (old → new). Append-only.
+#: Who did what, when, from where: record writes with old → new values, logins,
+#: metadata publishes, exports, token and role events. Append-only and hash-chained
+#: (see ``metacrm.runtime.audittrail``): ``seq`` is the storage order, ``prev_hash``
+#: links each entry to the one before it.
 audit = sa.Table(
     "_audit",
     PLATFORM,
-    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column("seq", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("id", sa.Uuid(), nullable=False, unique=True),
     sa.Column("at", UTCDateTime(), nullable=False),
     sa.Column("actor_id", sa.Uuid(), nullable=True),
     sa.Column("actor_name", sa.String(254), nullable=True),
-    sa.Column("entity", sa.String(63), nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("entity", sa.String(63), nullable=True),
     sa.Column("record_id", sa.Uuid(), nullable=True),
-    sa.Column("operation", sa.String(20), nullable=False),
-    sa.Column("changes", JSONValue(), nullable=False),
-    sa.Index("ix__audit__record", "entity", "record_id"),
-    sa.Index("ix__audit__at", "at"),
+    sa.Column("changes", JSONValue(), nullable=True),
+    sa.Column("detail", JSONValue(), nullable=True),
+    sa.Column("ip", sa.String(45), nullable=True),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index("ix__audit__record", "entity", "record_id", "seq"),
+    sa.Index("ix__audit__at", "at", "seq"),
+    sa.Index("ix__audit__actor", "actor_id", "seq"),
+    sa.Index("ix__audit__action", "action", "seq"),
+)
+
+#: The end of the audit chain (one row): the last ``seq`` and its hash. Appends
+#: update it first, which serialises them per tenant (a row lock on PostgreSQL,
+#: the write lock on SQLite) so the chain never forks.
+audit_head = sa.Table(
+    "_audit_head",
+    PLATFORM,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+#: In-app notifications: to one member (``user_id``) or to every member whose
+#: roles hold a capability (``capability``, e.g. ``manage_users`` for admins).
+notification = sa.Table(
+    "_notification",
+    PLATFORM,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("user_id", sa.Uuid(), nullable=True),
+    sa.Column("capability", sa.String(63), nullable=True),
+    sa.Column("kind", sa.String(63), nullable=False),
+    sa.Column("message", JSONValue(), nullable=False),
+    sa.Column("link", sa.String(2000), nullable=True),
+    sa.CheckConstraint(
+        "(user_id IS NULL) <> (capability IS NULL)", name="ck__notification__audience"
+    ),
+    sa.Index("ix__notification__user", "user_id", "id"),
+    sa.Index("ix__notification__capability", "capability", "id"),
+)
+
+#: When a member read a notification (one row per member and notification).
+notification_read = sa.Table(
+    "_notification_read",
+    PLATFORM,
+    sa.Column("notification_id", sa.Uuid(), primary_key=True),
+    sa.Column("user_id", sa.Uuid(), primary_key=True),
+    sa.Column("read_at", UTCDateTime(), nullable=False),
 )
 
 #: Events for automation, committed with the change that caused them (transactional outbox).

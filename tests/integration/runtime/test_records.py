@@ -161,7 +161,7 @@ def test_update_with_optimistic_concurrency_and_audit(tenant):
     _, store = tenant
     with store.connect() as connection:
         entry = (
-            connection.execute(sa.select(audit).where(audit.c.operation == "update"))
+            connection.execute(sa.select(audit).where(audit.c.action == "record.update"))
             .mappings()
             .one()
         )

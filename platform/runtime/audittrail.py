@@ -1,0 +1,421 @@
+"""The tenant's audit trail: append-only, hash-chained, verifiable.
+
+Every entry stores the hash of the entry before it (``prev_hash``) and its own
+``hash``: SHA-256 over a canonical JSON of its fields and ``prev_hash``. An
+edited entry no longer matches its hash; a deleted, reordered or inserted entry
+breaks the links, and :func:`verify` says which entry and how. ``seq`` (the
+storage order) is deliberately outside the hash: the order that counts is the
+chain of links, and keeping ``seq`` out lets a reordering show up as "entry N
+follows entry M" instead of as an unexplained changed entry.
+
+Appends are serialised per tenant by updating the one-row ``_audit_head`` first
+(PostgreSQL holds the row lock until commit; SQLite's write lock already
+serialises writers), so two concurrent transactions can never both link to the
+same predecessor. Entries are written inside the caller's transaction: a change
+that rolls back leaves no audit entry, and an audit entry that cannot be
+written rolls the change back. There is no update or delete API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from uuid6 import uuid7
+
+from metacrm.runtime.store import audit, audit_head
+
+#: ``prev_hash`` of the first entry.
+GENESIS = "0" * 64
+#: Actions are dotted lower-case words: ``record.update``, ``auth.login_failed``.
+ACTION = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+MAX_ACTION = 40
+MAX_NAME = 254
+MAX_IP = 45
+#: The fields the hash covers, in the order they are listed in exports.
+HASHED = (
+    "id",
+    "at",
+    "actor_id",
+    "actor_name",
+    "action",
+    "entity",
+    "record_id",
+    "changes",
+    "detail",
+    "ip",
+)
+_HEAD_ID = 1
+
+
+class AuditError(ValueError):
+    """An audit entry was refused because a field is malformed."""
+
+
+def _canonical(value: Any) -> Any:
+    """Return a JSON value in the one form both backends give back.
+
+    PostgreSQL's JSONB keeps numbers as ``numeric`` (``1e300`` comes back as a
+    301-digit integer, ``1.0`` as ``1.0``); writing every number as its
+    normalised decimal text makes the hash independent of that round trip.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | float):
+        if isinstance(value, float) and (value != value or value in (float("inf"), -float("inf"))):
+            raise AuditError("audit values cannot hold NaN or infinity")
+        number = decimal.Decimal(repr(value) if isinstance(value, float) else value)
+        return {"$n": format(number.normalize(), "E") if number else "0"}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    raise AuditError(f"audit values must be JSON, not {type(value).__name__}")
+
+
+def _timestamp(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
+    """Return the SHA-256 (hex) of an entry's hashed fields and the previous hash."""
+    document = {
+        "id": str(entry["id"]),
+        "at": _timestamp(entry["at"]),
+        "actor_id": None if entry["actor_id"] is None else str(entry["actor_id"]),
+        "actor_name": entry["actor_name"],
+        "action": entry["action"],
+        "entity": entry["entity"],
+        "record_id": None if entry["record_id"] is None else str(entry["record_id"]),
+        "changes": _canonical(entry["changes"]),
+        "detail": _canonical(entry["detail"]),
+        "ip": entry["ip"],
+        "prev_hash": prev_hash,
+    }
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _json(value: Any, name: str) -> Any:
+    """Check that a value is plain JSON (what the column stores and the hash covers)."""
+    _canonical(value)
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise AuditError(f"'{name}' must be JSON: {exc}") from None
+    if "\\u0000" in text:
+        raise AuditError(f"'{name}' cannot contain NUL characters")
+    return json.loads(text)
+
+
+def _advance_head(connection: Connection) -> tuple[int, str]:
+    """Take the next ``seq`` and return it with the hash it links to.
+
+    The UPDATE comes first so that it takes the lock before anything is read:
+    a concurrent append waits here until this transaction ends, then sees its
+    result. The head row is created on first use if an older namespace lacks it.
+    """
+    advance = (
+        audit_head.update().where(audit_head.c.id == _HEAD_ID).values(seq=audit_head.c.seq + 1)
+    )
+    if connection.execute(advance).rowcount == 0:
+        # A namespace made before the head existed: start it from the log itself.
+        last = connection.execute(
+            sa.select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)
+        ).first()
+        values = {
+            "id": _HEAD_ID,
+            "seq": last.seq if last else 0,
+            "hash": last.hash if last else GENESIS,
+        }
+        insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(
+            audit_head
+        )
+        connection.execute(insert.values(**values).on_conflict_do_nothing())
+        connection.execute(advance)
+    row = connection.execute(
+        sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == _HEAD_ID)
+    ).one()
+    return row.seq, row.hash
+
+
+def append(
+    connection: Connection,
+    *,
+    action: str,
+    actor_id: uuid.UUID | None,
+    actor_name: str | None,
+    entity: str | None = None,
+    record_id: uuid.UUID | None = None,
+    changes: Mapping[str, Any] | None = None,
+    detail: Mapping[str, Any] | None = None,
+    ip: str | None = None,
+    at: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Append one entry to the tenant's audit trail, in the caller's transaction.
+
+    ``connection`` is a tenant connection inside a transaction
+    (``TenantStore.begin()``). Call it as late in the transaction as possible:
+    from here until commit, other appends in the tenant wait. ``changes`` maps
+    field names to ``[old, new]`` (mask secrets before passing them);
+    ``detail`` holds anything else worth keeping (a version, a comment, a
+    token name). Returns the stored entry, ``seq`` and ``hash`` included.
+    """
+    if not isinstance(action, str) or len(action) > MAX_ACTION or not ACTION.match(action):
+        raise AuditError(f"'{action}' is not an audit action (dotted lower-case words)")
+    if actor_name is not None and (not isinstance(actor_name, str) or len(actor_name) > MAX_NAME):
+        raise AuditError(f"the actor name must be text of at most {MAX_NAME} characters")
+    if ip is not None and (not isinstance(ip, str) or len(ip) > MAX_IP):
+        raise AuditError(f"the IP address must be text of at most {MAX_IP} characters")
+    if entity is not None and (not isinstance(entity, str) or len(entity) > 63):
+        raise AuditError("the entity must be an API name")
+    when = at or dt.datetime.now(dt.UTC)
+    if when.tzinfo is None:
+        raise AuditError("the time of an audit entry must carry a time zone")
+    entry: dict[str, Any] = {
+        "id": uuid7(),
+        # Stored at microsecond precision on both backends; hash what is stored.
+        "at": when.astimezone(dt.UTC),
+        "actor_id": actor_id,
+        "actor_name": actor_name,
+        "action": action,
+        "entity": entity,
+        "record_id": record_id,
+        "changes": None if changes is None else _json(dict(changes), "changes"),
+        "detail": None if detail is None else _json(dict(detail), "detail"),
+        "ip": ip,
+    }
+    seq, prev_hash = _advance_head(connection)
+    entry["seq"] = seq
+    entry["prev_hash"] = prev_hash
+    entry["hash"] = entry_hash(entry, prev_hash)
+    connection.execute(audit.insert().values(**entry))
+    connection.execute(
+        audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=entry["hash"])
+    )
+    return entry
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One sign of tampering, located by ``seq`` (and the entry's id when there is one)."""
+
+    kind: str  # changed, missing, inserted, reordered, head
+    seq: int | None
+    entry_id: str | None
+    message: str
+
+
+@dataclass
+class Report:
+    """The outcome of :func:`verify`."""
+
+    entries: int = 0
+    head_seq: int = 0
+    head_hash: str = GENESIS
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _rows(connection: Connection, batch: int = 5000) -> Iterator[Any]:
+    """Yield every entry in ``seq`` order, a batch at a time (keyset, bounded memory)."""
+    after: int | None = None
+    while True:
+        query = sa.select(audit).order_by(audit.c.seq).limit(batch)
+        if after is not None:
+            query = query.where(audit.c.seq > after)
+        rows = connection.execute(query).mappings().all()
+        yield from rows
+        if len(rows) < batch:
+            return
+        after = rows[-1]["seq"]
+
+
+def verify(connection: Connection) -> Report:
+    """Check the whole chain and the head; describe every break found.
+
+    A first pass streams the log and only notes where links break. Only if
+    something broke does a second pass index every entry's hash to tell a
+    deletion from a reordering or an insertion.
+    """
+    report = Report()
+    suspects: list[int] = []
+    previous_hash, previous_seq = GENESIS, 0
+    for row in _rows(connection):
+        report.entries += 1
+        seq, entry_id = row["seq"], str(row["id"])
+        try:
+            recomputed = entry_hash(row, row["prev_hash"])
+        except (AuditError, KeyError, TypeError, AttributeError):
+            recomputed = ""
+        if recomputed != row["hash"]:
+            report.problems.append(
+                Problem(
+                    "changed",
+                    seq,
+                    entry_id,
+                    f"entry seq {seq} (id {entry_id}) was changed: its content does not "
+                    "match its hash",
+                )
+            )
+        if row["prev_hash"] != previous_hash:
+            suspects.append(seq)
+        elif seq != previous_seq + 1:
+            report.problems.append(
+                Problem(
+                    "changed",
+                    seq,
+                    entry_id,
+                    f"entry seq {seq} (id {entry_id}) follows seq {previous_seq} in the chain: "
+                    "seq numbers were edited (the links are intact)",
+                )
+            )
+        previous_hash, previous_seq = row["hash"], seq
+    report.head_seq, report.head_hash = previous_seq, previous_hash
+    if suspects:
+        report.problems.extend(_diagnose(connection, suspects))
+    head = connection.execute(
+        sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == _HEAD_ID)
+    ).first()
+    if head is None:
+        if report.entries:
+            report.problems.append(
+                Problem("head", None, None, "the chain head (_audit_head) is missing")
+            )
+    elif (head.seq, head.hash) != (previous_seq, previous_hash):
+        if head.seq > previous_seq:
+            kind = "missing"
+            message = (
+                f"entries after seq {previous_seq} are missing (deleted): the head records "
+                f"seq {head.seq} with hash {head.hash}"
+            )
+        elif head.seq < previous_seq:
+            kind = "inserted"
+            message = (
+                f"entries after seq {head.seq} were added outside the audit trail (inserted): "
+                f"the head records seq {head.seq}, the last entry is seq {previous_seq}"
+            )
+        else:
+            kind = "head"
+            message = (
+                f"the head records hash {head.hash} for seq {head.seq}, but the last entry "
+                f"has hash {previous_hash}: the last entry was replaced"
+            )
+        report.problems.append(Problem(kind, head.seq, None, message))
+    report.problems.sort(key=lambda p: (p.seq is None, p.seq or 0))
+    return report
+
+
+def _diagnose(connection: Connection, suspects: list[int]) -> list[Problem]:
+    """Explain each broken link from an index of every entry's hash and predecessor."""
+    order: list[int] = []
+    hash_of: dict[int, str] = {}
+    prev_of: dict[int, str] = {}
+    id_of: dict[int, str] = {}
+    for row in _rows(connection):
+        order.append(row["seq"])
+        hash_of[row["seq"]] = row["hash"]
+        prev_of[row["seq"]] = row["prev_hash"]
+        id_of[row["seq"]] = str(row["id"])
+    by_hash = {h: seq for seq, h in hash_of.items()}
+    linked = set(prev_of.values())
+    position = {seq: i for i, seq in enumerate(order)}
+
+    def before(seq: int, steps: int = 1) -> int | None:
+        i = position[seq] - steps
+        return order[i] if i >= 0 else None
+
+    # An inserted entry: nothing links to it, and the entry after it links to the
+    # one before it (the chain simply skips it).
+    inserted: set[int] = set()
+    for seq in suspects:
+        skipped = before(seq)
+        if skipped is None or hash_of[skipped] in linked:
+            continue
+        two_back = before(seq, 2)
+        if prev_of[seq] == (GENESIS if two_back is None else hash_of[two_back]):
+            inserted.add(skipped)
+    problems = [
+        Problem(
+            "inserted",
+            seq,
+            id_of[seq],
+            f"entry seq {seq} (id {id_of[seq]}) was inserted: no entry links to it and the "
+            f"chain goes from seq {before(seq)} straight to seq {order[position[seq] + 1]}",
+        )
+        for seq in sorted(inserted)
+    ]
+    for seq in suspects:
+        previous = before(seq)
+        if seq in inserted or previous in inserted:
+            continue
+        where = f"entry seq {seq} (id {id_of[seq]})"
+        target = by_hash.get(prev_of[seq])
+        if prev_of[seq] == GENESIS:
+            problems.append(
+                Problem(
+                    "reordered",
+                    seq,
+                    id_of[seq],
+                    f"{where} is the first entry of the chain but is stored after seq "
+                    f"{previous}: entries were reordered",
+                )
+            )
+        elif target is not None:
+            problems.append(
+                Problem(
+                    "reordered",
+                    seq,
+                    id_of[seq],
+                    f"{where} follows seq {target} in the chain, not seq {previous}: entries "
+                    "were reordered",
+                )
+            )
+        elif previous is None:
+            problems.append(
+                Problem(
+                    "missing",
+                    seq,
+                    id_of[seq],
+                    f"{where} is stored first but links to an entry that is no longer there: "
+                    "the first entries were deleted",
+                )
+            )
+        elif seq != previous + 1:
+            problems.append(
+                Problem(
+                    "missing",
+                    seq,
+                    id_of[seq],
+                    f"seq {previous + 1} to {seq - 1} are missing (deleted): {where} links to "
+                    "an entry that is no longer there",
+                )
+            )
+        else:
+            problems.append(
+                Problem(
+                    "missing",
+                    seq,
+                    id_of[seq],
+                    f"{where} links to an entry that is no longer there: an entry before it "
+                    f"was deleted (and the seq numbers closed up), or seq {previous} was "
+                    "changed and re-hashed",
+                )
+            )
+    return problems
