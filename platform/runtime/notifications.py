@@ -261,3 +261,18 @@ def mark_read(
         [{"notification_id": t, "user_id": user_id, "read_at": when} for t in targets],
     )
     return len(targets)
+
+
+def addressed_to(
+    connection: Connection,
+    notification_id: uuid.UUID,
+    user_id: uuid.UUID,
+    capabilities: Iterable[str],
+) -> bool:
+    """Tell whether a notification is addressed to this member (directly or by capability)."""
+    found = connection.execute(
+        sa.select(notification.c.id).where(
+            notification.c.id == notification_id, _audience(user_id, capabilities)
+        )
+    ).first()
+    return found is not None
