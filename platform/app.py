@@ -9,7 +9,9 @@ from typing import Any
 from flask import Flask
 
 from metacrm.runtime import settings as settings_module
+from metacrm.runtime.api import audit as audit_api
 from metacrm.runtime.api import meta, openapi, problem, service
+from metacrm.runtime.api import notifications as notifications_api
 from metacrm.runtime.api import records as records_api
 from metacrm.runtime.platform import Platform
 
@@ -36,6 +38,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(meta.bp)
     app.register_blueprint(records_api.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(audit_api.bp)
+    app.register_blueprint(notifications_api.bp)
     return app
 
 

@@ -6,6 +6,7 @@ web application go through the same services and the same checks.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ import sqlalchemy as sa
 from metacrm.metadata import jsondoc
 from metacrm.metadata.loader import validate_folder
 from metacrm.metadata.validation import BundleInvalid, Problem, validate_bundle
-from metacrm.runtime import metastore, settings, tenancy
+from metacrm.runtime import audittrail, metastore, settings, tenancy
+from metacrm.runtime.api import audit as audit_api
 from metacrm.runtime.control import Membership, Tenant, User
 from metacrm.runtime.metastore import Actor
 from metacrm.runtime.migrator import DataCheckFailed
@@ -494,3 +496,109 @@ def meta_export(ctx: click.Context, slug: str, number: int | None, output: str) 
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror}")
     click.echo(f"Wrote version {version.version} to {output}.")
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """Verify and export a tenant's audit trail."""
+
+
+@audit.command("verify")
+@click.option("--tenant", "slug", required=True)
+@click.pass_context
+def audit_verify(ctx: click.Context, slug: str) -> None:
+    """Check the audit trail's hash chain; name every changed, missing, reordered or
+    inserted entry and exit 1 if there is one."""
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    try:
+        with store.connect() as connection:
+            report = audittrail.verify(connection)
+    except sa.exc.SQLAlchemyError as exc:
+        _fail(f"cannot read the audit trail of '{slug}': {type(exc.orig or exc).__name__}")
+    for problem in report.problems:
+        where = "head" if problem.seq is None else f"seq {problem.seq}"
+        click.echo(f"TAMPERED [{problem.kind}] {where}: {problem.message}")
+    if not report.ok:
+        _fail(
+            f"the audit trail of '{slug}' fails verification: {len(report.problems)} "
+            f"problem(s) in {report.entries} entries"
+        )
+    click.echo(
+        f"OK: {report.entries} entries, chain intact; head seq {report.head_seq} "
+        f"hash {report.head_hash}"
+    )
+
+
+def _when(value: str | None, option: str) -> Any:
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"{option} must be an ISO 8601 date-time such as 2026-01-31T09:00:00Z")
+    if moment.tzinfo is None:
+        _fail(f"{option} must carry a time zone (Z or +08:00)")
+    return moment
+
+
+@audit.command("export")
+@click.option("--tenant", "slug", required=True)
+@click.option("--since", default=None, help="Only entries at or after this time (ISO 8601).")
+@click.option("--until", default=None, help="Only entries before this time (ISO 8601).")
+@click.option(
+    "--format",
+    "kind",
+    type=click.Choice(["csv", "jsonl"]),
+    default="csv",
+    show_default=True,
+    help="CSV, or one JSON object per line.",
+)
+@click.argument("output", type=click.Path(dir_okay=False, allow_dash=True))
+@click.pass_context
+def audit_export(
+    ctx: click.Context, slug: str, since: str | None, until: str | None, kind: str, output: str
+) -> None:
+    """Write the audit trail, unmasked and with its hashes, to OUTPUT ('-' for stdout).
+
+    The export is itself recorded in the trail (action audit.export)."""
+    start, end = _when(since, "--since"), _when(until, "--until")
+    if start is not None and end is not None and start >= end:
+        _fail("--until must be later than --since")
+    store = _platform(ctx).store(_tenant(_platform(ctx), slug))
+    wanted = audit_api.Search(None, (), None, None, start, end)
+    try:
+        stream = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+    with store.begin() as connection:
+        entry = audittrail.append(
+            connection,
+            action="audit.export",
+            actor_id=None,
+            actor_name="operator (command line)",
+            detail={"format": kind, "filters": wanted.describe()},
+        )
+    count = 0
+    with store.connect() as connection:
+        rows = (
+            audit_api.view(row, lambda _entity: frozenset())
+            for row in audit_api.entries(connection, wanted, entry["seq"] - 1)
+        )
+        try:
+            if kind == "csv":
+                for line in audit_api.csv_rows(rows):
+                    stream.write(line)
+                    count += 1
+                count -= 1  # the header
+            else:
+                for item in rows:
+                    stream.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
+                    count += 1
+        finally:
+            if stream is not sys.stdout:
+                stream.close()
+    if output != "-":
+        click.echo(f"Wrote {count} audit entries to {output}.")
