@@ -8,6 +8,7 @@ admins' publishes conflict instead of overwriting each other.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 import uuid
@@ -27,6 +28,7 @@ from metacrm.runtime import audittrail
 from metacrm.runtime.migrator import (
     CheckFailure,
     DataCheckFailed,
+    PreparedPlan,
     apply_plan,
     check_plan,
     foreign_key_violations,
@@ -174,13 +176,19 @@ def _publishing(store: TenantStore, lock_timeout_ms: int) -> Iterator[Connection
             with connection.begin():
                 if not sqlite:
                     # Publishes of one tenant queue behind each other (no timeout); only
-                    # the DDL waits briefly for tables that requests are reading.
+                    # the DDL waits briefly for tables that requests are reading. One
+                    # round trip: the materialised CTE takes the lock before the outer
+                    # SELECT sets the timeout (SET LOCAL, as set_config's is_local).
                     connection.execute(
-                        sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                        {"key": f"metacrm.publish.{store.schema}"},
-                    )
-                    connection.exec_driver_sql(
-                        f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'"
+                        sa.text(
+                            "WITH locked AS MATERIALIZED "
+                            "(SELECT pg_advisory_xact_lock(hashtext(:key))) "
+                            "SELECT set_config('lock_timeout', :timeout, true) FROM locked"
+                        ),
+                        {
+                            "key": f"metacrm.publish.{store.schema}",
+                            "timeout": f"{int(lock_timeout_ms)}ms",
+                        },
                     )
                 yield connection
                 violations = foreign_key_violations(connection)
@@ -214,6 +222,7 @@ def publish(
     prepare: Callable[[Connection], None] | None = None,
     validated: bool = False,
     rollback_to: int | None = None,
+    prepared: PreparedPlan | None = None,
 ) -> Version:
     """Apply a new bundle as the next version, or raise and change nothing.
 
@@ -221,9 +230,13 @@ def publish(
     the whole transaction is retried, so a migration never queues behind a long
     query while blocking every request that arrives after it. ``prepare`` runs
     first inside the same transaction (tenant creation makes the namespace there,
-    so a failed first publish leaves no schema behind on PostgreSQL).
+    so a failed first publish leaves no schema behind on PostgreSQL). ``prepared``
+    is the plan of ``new_doc`` from the empty bundle, built once for many tenants
+    (creation from a template); it only applies as version 1.
     """
     purge = list(purge)
+    if prepared is not None and (expected_version != 0 or prepared.plan.result is not new_doc):
+        raise ValueError("a prepared plan publishes its own bundle as version 1")
     if len(comment) > MAX_COMMENT:
         raise BundleInvalid(
             [Problem("/comment", f"is {len(comment)} characters long; the limit is {MAX_COMMENT}")]
@@ -243,6 +256,7 @@ def publish(
                 prepare,
                 validated,
                 rollback_to,
+                prepared,
             )
         except DBAPIError as exc:
             code = getattr(exc.orig, "sqlstate", None)
@@ -269,6 +283,7 @@ def _publish_once(
     prepare: Callable[[Connection], None] | None,
     validated: bool,
     rollback_to: int | None = None,
+    prepared: PreparedPlan | None = None,
 ) -> Version:
     with _publishing(store, lock_timeout_ms) as connection:
         if prepare is not None:
@@ -277,7 +292,10 @@ def _publish_once(
         if head.version != expected_version or not 0 <= expected_version < MAX_VERSION:
             raise VersionConflict(expected_version, head.version)
         old = Bundle.from_doc(head.bundle)
-        plan = make_plan(old, new_doc, purge, validated=validated)
+        if prepared is not None:
+            plan = prepared.plan  # made from the empty bundle, which version 0 is
+        else:
+            plan = make_plan(old, new_doc, purge, validated=validated)
         if plan.empty and head.version:
             return head
         if plan.destructive and not confirm_destructive:
@@ -286,8 +304,10 @@ def _publish_once(
         if failures:
             raise DataCheckFailed(failures)
         try:
-            with connection.begin_nested():
-                apply_plan(connection, store.schema, old, plan)
+            # A prepared plan only creates tables: no data the database could refuse,
+            # so no savepoint (two round trips) around it.
+            with connection.begin_nested() if prepared is None else contextlib.nullcontext():
+                apply_plan(connection, store.schema, old, plan, prepared)
         except (IntegrityError, DataError) as exc:
             # The checks above name the rows for every refusal they know; this is the
             # backstop for the database finding one they missed.
@@ -298,7 +318,9 @@ def _publish_once(
         version = Version(
             head.version + 1,
             plan.result,
-            [op.to_dict() for op in plan.operations],
+            prepared.operations
+            if prepared is not None
+            else [op.to_dict() for op in plan.operations],
             action,
             comment,
             dt.datetime.now(dt.UTC),

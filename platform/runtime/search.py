@@ -26,6 +26,7 @@ SQLite nothing else may renumber rowids while the triggers stay: no
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import sqlalchemy as sa
@@ -148,10 +149,17 @@ def drop_search_index(connection: Connection, entity: EntityModel) -> None:
         _drop_index(connection, schema, name)
 
 
-def ensure_search_indexes(connection: Connection, model: TenantModel) -> None:
-    """Ensure the search index of every active entity, and drop FTS tables of purged ones."""
+def ensure_search_indexes(
+    connection: Connection, model: TenantModel, skip: Collection[str] = ()
+) -> None:
+    """Ensure the search index of every active entity, and drop FTS tables of purged ones.
+
+    ``skip`` names entities already handled in this transaction (tables just made
+    with ``new_table_search_ddl``), which need no catalog lookups.
+    """
     for entity in model.entities.values():
-        ensure_search_index(connection, model, entity)
+        if entity.name not in skip:
+            ensure_search_index(connection, model, entity)
     if connection.dialect.name == "sqlite":
         rows = connection.exec_driver_sql(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL%'"
@@ -160,6 +168,40 @@ def ensure_search_indexes(connection: Connection, model: TenantModel) -> None:
             owner = name[len(_FTS_PREFIX) :] if name.startswith(_FTS_PREFIX) else None
             if owner and owner not in model.bundle.entities:
                 _drop_fts(connection, owner)
+
+
+def new_table_search_ddl(
+    connection: Connection, model: TenantModel, created: Collection[str]
+) -> list[str]:
+    """Return the DDL giving tables created in this transaction their search indexes.
+
+    A table made in the same transaction has no search index yet, so the catalog
+    lookups of ``ensure_search_index`` are skipped (a tenant's first publish made
+    one per entity) and the caller can send these statements in the same batch as
+    the tables. They are the statements ``ensure_search_index`` would run: on
+    PostgreSQL the trigram indexes (none when pg_trgm is not available), on SQLite
+    the FTS5 table and its triggers (an empty table needs no 'rebuild').
+    """
+    entities = [model.entities[name] for name in created if name in model.entities]
+    if connection.dialect.name == "sqlite":
+        return [
+            sql
+            for entity in entities
+            if _fts_fields(entity)
+            for sql in _fts_statements(entity.name, _fts_fields(entity)).values()
+        ]
+    wanted = [(entity, search_fields(entity)) for entity in entities]
+    if not any(names for _, names in wanted):
+        return []
+    extension = _trigram_schema(connection)
+    if extension is None:
+        return []
+    schema = _schema(connection)
+    return [
+        _trigram_ddl(schema, entity.table.name, name, column, extension)
+        for entity, names in wanted
+        for name, column in sorted((trigram_index_name(entity.name, n), n) for n in names)
+    ]
 
 
 # -- PostgreSQL: pg_trgm ----------------------------------------------------------------
@@ -209,9 +251,16 @@ def _drop_index(connection: Connection, schema: str | None, name: str) -> None:
     connection.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
 
 
+def _trigram_ddl(schema: str | None, table: str, name: str, column: str, extension: str) -> str:
+    qualified = f'"{schema}"."{table}"' if schema else f'"{table}"'
+    return (
+        f'CREATE INDEX IF NOT EXISTS "{name}" ON {qualified} '
+        f'USING gin ("{column}" "{extension}".gin_trgm_ops)'
+    )
+
+
 def _ensure_trigram(connection: Connection, entity: EntityModel) -> bool:
     schema = _schema(connection)
-    table = f'"{schema}"."{entity.table.name}"' if schema else f'"{entity.table.name}"'
     wanted = {trigram_index_name(entity.name, name): name for name in search_fields(entity)}
     existing = _trigram_indexes(connection, schema, entity.table.name)
     for name in sorted(existing - set(wanted)):
@@ -225,10 +274,7 @@ def _ensure_trigram(connection: Connection, entity: EntityModel) -> bool:
     if extension is None:
         return False
     for name, column in sorted(missing.items()):
-        connection.exec_driver_sql(
-            f'CREATE INDEX IF NOT EXISTS "{name}" ON {table} '
-            f'USING gin ("{column}" "{extension}".gin_trgm_ops)'
-        )
+        connection.exec_driver_sql(_trigram_ddl(schema, entity.table.name, name, column, extension))
     return True
 
 

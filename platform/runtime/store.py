@@ -144,37 +144,79 @@ idempotency = sa.Table(
 )
 
 
-def create_tables(
-    connection: Connection, metadata: sa.MetaData, tables: list[sa.Table], schema: str | None
-) -> None:
-    """Create tables with their indexes, in foreign-key order, in one round trip if possible.
+#: Key of ``MetaData.info`` that marks tables which never change once built (the
+#: platform's own, a prepared template's): the DDL compiled from them is kept there,
+#: per dialect and table set, and only the schema name is rendered per namespace.
+DDL_CACHE = "metacrm.ddl_cache"
+PLATFORM.info[DDL_CACHE] = {}
+#: Any schema name: compiled DDL holds a placeholder token instead of the name.
+_PLACEHOLDER_SCHEMA = "placeholder"
 
-    On PostgreSQL the statements go as one batch: a tenant's first publish creates
-    dozens of tables and indexes, and one round trip instead of one per statement
-    is most of what separates it from hand-written DDL. SQLite's driver runs one
-    statement per call, so there the usual path is as fast.
+
+def _compile_ddl(dialect: sa.Dialect, metadata: sa.MetaData, tables: list[sa.Table]) -> list[str]:
+    """Compile CREATE TABLE and CREATE INDEX of ``tables``, schema left as a placeholder.
+
+    Tables come in foreign-key order and each table's indexes by name, so the same
+    tables always give the same text. The schema is compiled as SQLAlchemy's own
+    ``schema_translate_map`` placeholder, which ``_render_schema`` fills in.
     """
-    if connection.dialect.name != "postgresql":
-        metadata.create_all(connection, tables=tables, checkfirst=False)
-        return
     wanted = set(tables)
     statements: list[sa.schema.ExecutableDDLElement] = []
     for table in metadata.sorted_tables:
         if table in wanted:
             statements.append(CreateTable(table))
-            statements.extend(CreateIndex(index) for index in table.indexes)
+            indexes = sorted(table.indexes, key=lambda index: str(index.name))
+            statements.extend(CreateIndex(index) for index in indexes)
+    translate = {None: _PLACEHOLDER_SCHEMA}
+    return [
+        str(s.compile(dialect=dialect, schema_translate_map=translate)).strip() for s in statements
+    ]
+
+
+def _render_schema(dialect: sa.Dialect, statements: list[str], schema: str | None) -> list[str]:
+    """Put ``schema`` into compiled statements exactly as a compile for it would.
+
+    This is the step ``compile(..., render_schema_translate=True)`` runs after
+    compiling; the names are quoted by the dialect's own rules.
+    """
     translate = {None: schema}
-    script = ";\n".join(
-        str(
-            s.compile(
-                dialect=connection.dialect,
-                schema_translate_map=translate,
-                render_schema_translate=True,
-            )
-        ).strip()
-        for s in statements
-    )
-    connection.exec_driver_sql(script)
+    preparer = dialect.identifier_preparer._with_schema_translate(translate)
+    return [preparer._render_schema_translates(s, dict(translate)) for s in statements]
+
+
+def table_ddl(
+    dialect: sa.Dialect, metadata: sa.MetaData, tables: list[sa.Table], schema: str | None
+) -> list[str]:
+    """Return the statements that create ``tables`` with their indexes in ``schema``, in order.
+
+    Compiling the DDL of a template's tables costs milliseconds of Python per
+    tenant; for metadata marked with ``DDL_CACHE`` it is compiled once per process.
+    """
+    cache = metadata.info.get(DDL_CACHE)
+    key = (dialect.name, dialect.server_version_info, frozenset(t.name for t in tables))
+    compiled = cache.get(key) if cache is not None else None
+    if compiled is None:
+        compiled = _compile_ddl(dialect, metadata, tables)
+        if cache is not None:
+            cache[key] = compiled
+    return _render_schema(dialect, compiled, schema)
+
+
+def run_ddl(connection: Connection, statements: list[str]) -> None:
+    """Run DDL statements in order, in one round trip where the driver allows it.
+
+    On PostgreSQL the statements go as one batch: a tenant's first publish creates
+    dozens of tables and indexes, and one round trip instead of one per statement
+    is most of what separates it from hand-written DDL. SQLite's driver runs one
+    statement per call, in process, so there a call each costs nothing extra.
+    """
+    if not statements:
+        return
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(";\n".join(statements))
+        return
+    for statement in statements:
+        connection.exec_driver_sql(statement)
 
 
 @dataclass(frozen=True)
@@ -212,9 +254,15 @@ class TenantStore:
             with connection.begin():
                 yield connection
 
-    def create_platform_tables(self, connection: Connection) -> None:
-        """Create the platform's own tables in a new namespace."""
-        create_tables(connection, PLATFORM, PLATFORM.sorted_tables, self.schema)
+    def create_platform_tables(self, connection: Connection, create_schema: bool = False) -> None:
+        """Create the platform's own tables in a new namespace.
+
+        ``create_schema`` makes the PostgreSQL schema first, in the same batch.
+        """
+        statements = table_ddl(connection.dialect, PLATFORM, PLATFORM.sorted_tables, self.schema)
+        if create_schema and self.schema is not None:
+            statements.insert(0, f'CREATE SCHEMA "{self.schema}"')
+        run_ddl(connection, statements)
 
     def upgrade_platform_tables(self) -> None:
         """Add platform tables that a newer metacrm needs to an existing namespace."""
