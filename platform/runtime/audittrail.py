@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,18 +118,22 @@ def _json(value: Any, name: str) -> Any:
     return json.loads(text)
 
 
-def _advance_head(connection: Connection) -> tuple[int, str]:
-    """Take the next ``seq`` and return it with the hash it links to.
+def _advance_head(connection: Connection, count: int) -> tuple[int, str]:
+    """Reserve ``count`` seq numbers; return the first one and the hash it links to.
 
-    The UPDATE comes first so that it takes the lock before anything is read:
-    a concurrent append waits here until this transaction ends, then sees its
-    result. The head row is created on first use if an older namespace lacks it.
+    One ``UPDATE … RETURNING`` takes the lock before anything is read (the row
+    lock on PostgreSQL, the write lock on SQLite), so a concurrent append
+    waits here until this transaction ends and then sees its result. The head
+    row is created on first use if a namespace made before it lacks it.
     """
     advance = (
-        audit_head.update().where(audit_head.c.id == _HEAD_ID).values(seq=audit_head.c.seq + 1)
+        audit_head.update()
+        .where(audit_head.c.id == _HEAD_ID)
+        .values(seq=audit_head.c.seq + count)
+        .returning(audit_head.c.seq, audit_head.c.hash)
     )
-    if connection.execute(advance).rowcount == 0:
-        # A namespace made before the head existed: start it from the log itself.
+    row = connection.execute(advance).first()
+    if row is None:
         last = connection.execute(
             sa.select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)
         ).first()
@@ -142,11 +146,50 @@ def _advance_head(connection: Connection) -> tuple[int, str]:
             audit_head
         )
         connection.execute(insert.values(**values).on_conflict_do_nothing())
-        connection.execute(advance)
-    row = connection.execute(
-        sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == _HEAD_ID)
-    ).one()
-    return row.seq, row.hash
+        row = connection.execute(advance).one()
+    return row.seq - count + 1, row.hash
+
+
+def _prepare(
+    *,
+    action: str,
+    actor_id: uuid.UUID | None,
+    actor_name: str | None,
+    entity: str | None = None,
+    record_id: uuid.UUID | None = None,
+    changes: Mapping[str, Any] | None = None,
+    detail: Mapping[str, Any] | None = None,
+    ip: str | None = None,
+    at: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Check an entry's fields and return it as it will be stored (without its place)."""
+    if not isinstance(action, str) or len(action) > MAX_ACTION or not ACTION.match(action):
+        raise AuditError(f"'{action}' is not an audit action (dotted lower-case words)")
+    if actor_name is not None and (not isinstance(actor_name, str) or len(actor_name) > MAX_NAME):
+        raise AuditError(f"the actor name must be text of at most {MAX_NAME} characters")
+    if ip is not None and (not isinstance(ip, str) or len(ip) > MAX_IP):
+        raise AuditError(f"the IP address must be text of at most {MAX_IP} characters")
+    if entity is not None and (not isinstance(entity, str) or len(entity) > 63):
+        raise AuditError("the entity must be an API name")
+    for name, value in (("actor_id", actor_id), ("record_id", record_id)):
+        if value is not None and not isinstance(value, uuid.UUID):
+            raise AuditError(f"'{name}' must be a UUID")
+    when = at or dt.datetime.now(dt.UTC)
+    if not isinstance(when, dt.datetime) or when.tzinfo is None:
+        raise AuditError("the time of an audit entry must carry a time zone")
+    return {
+        "id": uuid7(),
+        # Stored at microsecond precision on both backends; hash what is stored.
+        "at": when.astimezone(dt.UTC),
+        "actor_id": actor_id,
+        "actor_name": actor_name,
+        "action": action,
+        "entity": entity,
+        "record_id": record_id,
+        "changes": None if changes is None else _json(dict(changes), "changes"),
+        "detail": None if detail is None else _json(dict(detail), "detail"),
+        "ip": ip,
+    }
 
 
 def append(
@@ -165,45 +208,50 @@ def append(
     """Append one entry to the tenant's audit trail, in the caller's transaction.
 
     ``connection`` is a tenant connection inside a transaction
-    (``TenantStore.begin()``). Call it as late in the transaction as possible:
-    from here until commit, other appends in the tenant wait. ``changes`` maps
-    field names to ``[old, new]`` (mask secrets before passing them);
-    ``detail`` holds anything else worth keeping (a version, a comment, a
-    token name). Returns the stored entry, ``seq`` and ``hash`` included.
+    (``TenantStore.begin()``). ``action`` is dotted lower-case words
+    (``record.update``, ``auth.login_failed``); ``changes`` maps field names to
+    ``[old, new]`` (mask secrets before passing them); ``detail`` holds any
+    other JSON worth keeping (a version, a comment, a token name); ``at``
+    defaults to now. Call it as late in the transaction as possible: from
+    here until commit, other appends in the tenant wait. Returns the stored
+    entry, ``seq``, ``prev_hash`` and ``hash`` included.
     """
-    if not isinstance(action, str) or len(action) > MAX_ACTION or not ACTION.match(action):
-        raise AuditError(f"'{action}' is not an audit action (dotted lower-case words)")
-    if actor_name is not None and (not isinstance(actor_name, str) or len(actor_name) > MAX_NAME):
-        raise AuditError(f"the actor name must be text of at most {MAX_NAME} characters")
-    if ip is not None and (not isinstance(ip, str) or len(ip) > MAX_IP):
-        raise AuditError(f"the IP address must be text of at most {MAX_IP} characters")
-    if entity is not None and (not isinstance(entity, str) or len(entity) > 63):
-        raise AuditError("the entity must be an API name")
-    when = at or dt.datetime.now(dt.UTC)
-    if when.tzinfo is None:
-        raise AuditError("the time of an audit entry must carry a time zone")
-    entry: dict[str, Any] = {
-        "id": uuid7(),
-        # Stored at microsecond precision on both backends; hash what is stored.
-        "at": when.astimezone(dt.UTC),
+    fields = {
+        "action": action,
         "actor_id": actor_id,
         "actor_name": actor_name,
-        "action": action,
         "entity": entity,
         "record_id": record_id,
-        "changes": None if changes is None else _json(dict(changes), "changes"),
-        "detail": None if detail is None else _json(dict(detail), "detail"),
+        "changes": changes,
+        "detail": detail,
         "ip": ip,
+        "at": at,
     }
-    seq, prev_hash = _advance_head(connection)
-    entry["seq"] = seq
-    entry["prev_hash"] = prev_hash
-    entry["hash"] = entry_hash(entry, prev_hash)
-    connection.execute(audit.insert().values(**entry))
+    return append_many(connection, [fields])[0]
+
+
+def append_many(
+    connection: Connection, entries: Iterable[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Append several entries in order, taking the lock once (bulk writes, imports).
+
+    Each mapping holds the keyword arguments of :func:`append`. All entries
+    are checked before anything is written.
+    """
+    prepared = [_prepare(**entry) for entry in entries]
+    if not prepared:
+        return []
+    seq, prev_hash = _advance_head(connection, len(prepared))
+    for entry in prepared:
+        entry["seq"] = seq
+        entry["prev_hash"] = prev_hash
+        entry["hash"] = prev_hash = entry_hash(entry, prev_hash)
+        seq += 1
+    connection.execute(audit.insert(), prepared)
     connection.execute(
-        audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=entry["hash"])
+        audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=prev_hash)
     )
-    return entry
+    return prepared
 
 
 # --- verification -------------------------------------------------------------------------

@@ -131,6 +131,23 @@ def test_malformed_entries_are_refused_and_store_nothing(store, arguments):
     assert verify(store).ok
 
 
+def test_append_many_chains_in_order_and_checks_everything_first(store):
+    before = log(store)
+    good = {"action": "record.create", "actor_id": ALICE, "actor_name": "a", "entity": "customer"}
+    with pytest.raises(audittrail.AuditError), store.begin() as connection:
+        audittrail.append_many(connection, [good, good, {**good, "action": "BAD"}])
+    assert log(store) == before
+    with store.begin() as connection:
+        assert audittrail.append_many(connection, []) == []
+        made = audittrail.append_many(
+            connection, [{**good, "record_id": uuid.uuid4(), "detail": {"i": i}} for i in range(5)]
+        )
+    assert [e["seq"] for e in made] == list(range(len(before) + 1, len(before) + 6))
+    assert made[0]["prev_hash"] == before[-1]["hash"]
+    assert [e["detail"]["i"] for e in log(store)[-5:]] == list(range(5))
+    assert verify(store).ok
+
+
 def test_a_rolled_back_write_leaves_no_entry_and_the_chain_goes_on(store):
     add(store, 2)
     before = log(store)
