@@ -430,7 +430,11 @@ for _ft in (
     RelatedToFieldType("related_to", "UUID", frozenset({"targets"}), sortable=False),
     FieldType("user", "UUID", column_type=lambda f: sa.Uuid(), coerce=_user),
     FieldType(
-        "formula", "TEXT", frozenset({"expression", "result_type"}), stored=False, indexable=False
+        "formula",
+        "TEXT",
+        frozenset({"expression", "result_type", "scale"}),
+        stored=False,
+        indexable=False,
     ),
     FieldType(
         "auto_number",

@@ -386,6 +386,8 @@ class _SemanticChecker:
             self.add(where + "/required", f"a {f.type} field cannot be required")
         if f.get("min") is not None and f.get("max") is not None and f.get("min") > f.get("max"):
             self.add(where + "/min", f"min ({f.get('min')}) is greater than max ({f.get('max')})")
+        if f.type == "formula" and "scale" in f.doc and f.get("result_type") != "decimal":
+            self.add(where + "/scale", "scale applies only to a formula of result_type decimal")
         if "scale" in f.doc or "precision" in f.doc:
             precision, scale = fieldtypes.decimal_shape(f)
             if scale > precision:

@@ -8,6 +8,7 @@ is current.
 
 from __future__ import annotations
 
+import functools
 import threading
 import zoneinfo
 from collections import OrderedDict
@@ -19,13 +20,33 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from metacrm.metadata import fieldtypes
-from metacrm.metadata.expression import Scope
+from metacrm.metadata.expression import Node, Scope, parse
 from metacrm.metadata.expressions import scope_for
 from metacrm.metadata.model import Bundle, EntityDef, FieldDef, empty_bundle
 from metacrm.metadata.tables import build_tables, link_table_name
 from metacrm.runtime.store import TenantStore, meta_version
 
 CACHE_SIZE = 256
+#: Longest expression text kept by ``parsed``: metadata expressions and everyday
+#: filters fit; a hostile 100 kB filter is parsed (and refused) every time instead.
+PARSE_CACHE_TEXT = 4096
+
+
+@functools.lru_cache(maxsize=2048)
+def _parse_cached(text: str) -> Node:
+    return parse(text)
+
+
+def parsed(text: str) -> Node:
+    """Return the syntax tree of an expression, parsed once per process for repeated texts.
+
+    Trees are immutable, so a list filtered the same way on every request, or a
+    validation rule checked on every write, costs the parser (the slow part of
+    an expression) once. Errors are not cached: a bad text raises each time.
+    """
+    if len(text) > PARSE_CACHE_TEXT:
+        return parse(text)
+    return _parse_cached(text)
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +57,9 @@ class EntityModel:
     table: sa.Table
     scope: Scope
     links: Mapping[str, sa.Table] = field(default_factory=dict)
+    #: Formula fields' parsed expressions: parsed once per published version, because
+    #: parsing is the slow part and every list, read and rule check needs them.
+    formulas: Mapping[str, Node] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -86,8 +110,17 @@ def compile_model(
             for f in entity.active_fields()
             if f.type == "many_to_many"
         }
+        formulas = {
+            f.name: parsed(f.get("expression"))
+            for f in entity.active_fields()
+            if f.type == "formula"
+        }
         entities[entity.name] = EntityModel(
-            entity, metadata.tables[entity.name], scope_for(bundle.entities, entity.name), links
+            entity,
+            metadata.tables[entity.name],
+            scope_for(bundle.entities, entity.name),
+            links,
+            formulas,
         )
     return TenantModel(version, bundle, metadata, entities)
 

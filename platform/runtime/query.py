@@ -49,19 +49,19 @@ from metacrm.metadata.expression import (
     ValueType,
     check,
     compile_sql,
-    parse,
     unparse,
 )
 from metacrm.metadata.expression.construct import CodepointOrder
 from metacrm.metadata.expression.nodes import children
 from metacrm.runtime import cursor as cursors
 from metacrm.runtime import search
-from metacrm.runtime.model import EntityModel, TenantModel
+from metacrm.runtime.model import EntityModel, TenantModel, parsed
 from metacrm.runtime.recordview import (
     SYSTEM_FIELDS,
     attach_relations,
     column_resolver,
     formula_expression,
+    rows_to_json,
     select_columns,
     to_json,
 )
@@ -379,7 +379,7 @@ def _compile_filter(
     model: TenantModel, entity: EntityModel, text: str, ctx: EvalContext
 ) -> tuple[Node, ColumnElement[bool]]:
     try:
-        node = parse(text)
+        node = parsed(text)
         scope = _filter_scope(model, entity)
         check(node, scope, expect=ValueType.BOOLEAN)
         compiled = compile_sql(node, scope, column_resolver(model, entity, ctx), ctx)
@@ -613,10 +613,12 @@ def _list(
         .order_by(*(k.order_by() for k in keys))
         .suffix_with(f"LIMIT {limit + 1}")
     )
-    rows = _execute(connection, query, where.node).mappings().all()
+    result = _execute(connection, query, where.node)
+    names = list(result.keys())
+    rows = result.all()
     more = len(rows) > limit
     rows = rows[:limit]
-    items = [to_json(entity, row) for row in rows]
+    items = rows_to_json(entity, names, rows)
     attach_relations(connection, _with_links(entity, fields), items)
     for name in includes:
         _include(connection, model, entity, name, items, ctx)
@@ -624,7 +626,7 @@ def _list(
     if more and rows:
         last = rows[-1]
         position = cursors.Position(
-            entity.name, sort_spec, where.digest, tuple(last[c] for c in key_columns)
+            entity.name, sort_spec, where.digest, tuple(last[names.index(c)] for c in key_columns)
         )
         next_cursor = cursors.encode(position, secret)
     return Page(items, next_cursor)

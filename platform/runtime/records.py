@@ -24,12 +24,12 @@ from uuid6 import uuid7
 
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.coltypes import SQLITE_DIGITS
-from metacrm.metadata.expression import EvalContext, compile_sql, parse
+from metacrm.metadata.expression import EvalContext, compile_sql
 from metacrm.metadata.fieldtypes import ValueProblem, constraint_name
 from metacrm.metadata.model import FieldDef
 from metacrm.runtime import audittrail
 from metacrm.runtime.crypto import FieldCipher
-from metacrm.runtime.model import EntityModel, TenantModel
+from metacrm.runtime.model import EntityModel, TenantModel, parsed
 from metacrm.runtime.recordschema import load_payload
 from metacrm.runtime.recordview import (
     attach_relations,
@@ -303,7 +303,7 @@ def _check_rules(c: _Context, ids: Sequence[tuple[str, uuid.UUID]]) -> list[dict
     ctx = c.eval_context()
     resolver = column_resolver(c.model, c.entity, ctx)
     for rule in c.entity.entity.doc.get("validation_rules", []):
-        expr = compile_sql(parse(rule["expression"]), c.entity.scope, resolver, ctx)
+        expr = compile_sql(parsed(rule["expression"]), c.entity.scope, resolver, ctx)
         checks.append((sa.not_(expr), "", rule["message"]["en"]))
     for pipeline in c.model.bundle.documents("pipelines"):
         if pipeline["entity"] != c.entity.name:
@@ -326,7 +326,7 @@ def _check_rules(c: _Context, ids: Sequence[tuple[str, uuid.UUID]]) -> list[dict
                     )
                 )
             if "entry_criteria" in stage:
-                expr = compile_sql(parse(stage["entry_criteria"]), c.entity.scope, resolver, ctx)
+                expr = compile_sql(parsed(stage["entry_criteria"]), c.entity.scope, resolver, ctx)
                 checks.append(
                     (
                         sa.and_(stage_column == stage["name"], sa.not_(expr)),
