@@ -38,7 +38,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(meta.bp)
     app.register_blueprint(records_api.bp)
     app.register_blueprint(openapi.bp)
-    app.register_blueprint(audit_api.bp)
+    audit_api.init_app(app)
     app.register_blueprint(notifications_api.bp)
     return app
 

@@ -25,6 +25,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,10 @@ HASHED = (
     "ip",
 )
 _HEAD_ID = 1
+#: The address of the client whose request is being served (set by the web
+#: application per request), kept with every entry that does not name one, so
+#: record writes and publishes made through the API say where they came from.
+CLIENT_IP: ContextVar[str | None] = ContextVar("metacrm_audit_client_ip", default=None)
 
 
 class AuditError(ValueError):
@@ -167,6 +172,8 @@ def _prepare(
         raise AuditError(f"'{action}' is not an audit action (dotted lower-case words)")
     if actor_name is not None and (not isinstance(actor_name, str) or len(actor_name) > MAX_NAME):
         raise AuditError(f"the actor name must be text of at most {MAX_NAME} characters")
+    if ip is None:
+        ip = CLIENT_IP.get()
     if ip is not None and (not isinstance(ip, str) or len(ip) > MAX_IP):
         raise AuditError(f"the IP address must be text of at most {MAX_IP} characters")
     if entity is not None and (not isinstance(entity, str) or len(entity) > 63):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Flask, Response, g, jsonify, request, stream_with_context
 
 from metacrm.runtime import audittrail, metastore
 from metacrm.runtime import cursor as cursors
@@ -66,6 +66,24 @@ _ACTION_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*(\.\*)?$")
 _ENTITY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 #: A spreadsheet runs a cell starting with one of these as a formula (CSV injection).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def init_app(app: Flask) -> None:
+    """Register the audit API, and note each request's client address for its entries."""
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _remember_client() -> None:
+        g.metacrm_audit_ip = audittrail.CLIENT_IP.set(request.remote_addr)
+
+    @app.teardown_request
+    def _forget_client(_error: BaseException | None) -> None:
+        token = g.pop("metacrm_audit_ip", None)
+        if token is not None:
+            try:
+                audittrail.CLIENT_IP.reset(token)
+            except ValueError:  # torn down in another context: just clear it there
+                audittrail.CLIENT_IP.set(None)
 
 
 def _invalid(parameter: str, message: str) -> NoReturn:

@@ -155,7 +155,13 @@ def test_admin_sees_entries_newest_first(world):
     update = next(i for i in items if i["action"] == "record.update")
     assert update["changes"]["lifetime_value"] == ["1200.50", "99.00"]
     assert update["actor_id"] == str(world.admin.user_id)
+    assert update["ip"] == "127.0.0.1"  # the client's address, from the request
     assert set(update) >= {"seq", "id", "at", "actor_name", "prev_hash", "hash", "ip", "detail"}
+
+
+def test_the_client_address_does_not_outlive_its_request(world):
+    world.admin.audit(limit=1)
+    assert audittrail.CLIENT_IP.get() is None
 
 
 def test_filters(world):
