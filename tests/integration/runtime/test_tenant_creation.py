@@ -9,6 +9,7 @@ tenants.
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
 import pytest
@@ -291,3 +292,35 @@ def test_publish_holds_the_lock_and_a_local_timeout(platform, minimal_bundle):
             ).scalar()
             == 0
         )
+
+
+def test_concurrent_creation_of_one_slug_makes_one_tenant(platform, monkeypatch):
+    both_checked = threading.Barrier(2)
+    original = tenancy._namespace_maker
+
+    def maker(p, store):
+        # Both pass the control database's "slug taken?" check before either publishes.
+        made = original(p, store)
+        both_checked.wait(timeout=10)
+        return made
+
+    monkeypatch.setattr(tenancy, "_namespace_maker", maker)
+    outcomes: list[str] = []
+
+    def create() -> None:
+        try:
+            tenancy.create_tenant(platform, "race", "Race")
+            outcomes.append("created")
+        except tenancy.TenantError as exc:
+            outcomes.append(f"refused: {exc}")
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(o.split(":")[0] for o in outcomes) == ["created", "refused"], outcomes
+    assert "already exists" in next(o for o in outcomes if o != "created")
+    (registered,) = tenancy.list_tenants(platform)
+    with platform.store(registered).connect() as connection:
+        assert metastore.current(connection).version == 1
