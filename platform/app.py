@@ -13,7 +13,11 @@ from metacrm.runtime.api import audit as audit_api
 from metacrm.runtime.api import meta, openapi, problem, service
 from metacrm.runtime.api import notifications as notifications_api
 from metacrm.runtime.api import records as records_api
+from metacrm.runtime.api import tokens as tokens_api
+from metacrm.runtime.api import users as users_api
 from metacrm.runtime.platform import Platform
+from metacrm.runtime.web import account as account_web
+from metacrm.runtime.web import operator as operator_web
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
@@ -38,6 +42,10 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(meta.bp)
     app.register_blueprint(records_api.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(users_api.bp)
+    app.register_blueprint(tokens_api.bp)
+    app.register_blueprint(account_web.bp)
+    app.register_blueprint(operator_web.bp)
     audit_api.init_app(app)
     app.register_blueprint(notifications_api.bp)
     return app

@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from metacrm.metadata import jsondoc
 from metacrm.metadata.loader import validate_folder
 from metacrm.metadata.validation import BundleInvalid, Problem, validate_bundle
-from metacrm.runtime import audittrail, metastore, settings, tenancy
+from metacrm.runtime import accounts, audittrail, mail, metastore, settings, tenancy, tokens
 from metacrm.runtime.api import audit as audit_api
-from metacrm.runtime.control import Membership, Tenant, User
+from metacrm.runtime.control import Tenant, User
 from metacrm.runtime.metastore import Actor
 from metacrm.runtime.migrator import DataCheckFailed
 from metacrm.runtime.passwords import generate_password, hash_password
@@ -267,12 +267,194 @@ def tenant_upgrade(ctx: click.Context, slug: str | None) -> None:
     click.echo(f"Upgraded {len(chosen)} tenant(s).")
 
 
+# -- user and team --------------------------------------------------------------------------
+
+
+def _work(platform: Platform, slug: str) -> Any:
+    """Return a unit of work in the tenant, acting as the command line."""
+    return accounts.work(platform, _tenant(platform, slug), accounts.CLI_ACTOR)
+
+
+def _member(w: accounts.Work, email: str) -> accounts.Member:
+    try:
+        address = accounts.normalise_email(email)
+    except accounts.AccountError as exc:
+        _fail(exc.message)
+    member = accounts.member_by_email(w.session, w.tenant.id, address)
+    if member is None:
+        _fail(f"{address} is not a member of '{w.tenant.slug}'")
+    return member
+
+
+@main.group()
+def user() -> None:
+    """Add, list, deactivate and reactivate a tenant's members."""
+
+
+@user.command("add")
+@click.option("--tenant", "slug", required=True)
+@click.option("--email", required=True, help="The person's email address (their login).")
+@click.option("--role", "roles", multiple=True, required=True, help="A role (repeatable).")
+@click.option("--team", default=None, help="API name of the member's team.")
+@click.option("--manager", default=None, help="Email of the member they report to.")
+@click.option(
+    "--password", default=None, help="Set this password instead of printing an invitation link."
+)
+@click.option(
+    "--lang",
+    type=click.Choice(mail.LANGUAGES),
+    default="en",
+    show_default=True,
+    help="Language of the invitation mail.",
+)
+@click.pass_context
+def user_add(
+    ctx: click.Context,
+    slug: str,
+    email: str,
+    roles: tuple[str, ...],
+    team: str | None,
+    manager: str | None,
+    password: str | None,
+    lang: str,
+) -> None:
+    """Make a person a member; without --password print a single-use invitation link."""
+    platform = _platform(ctx)
+    lifetime = dt.timedelta(hours=platform.settings.invitation_hours)
+    try:
+        with _work(platform, slug) as w:
+            added = accounts.add_member(
+                w,
+                email=email,
+                roles=list(roles),
+                team=team,
+                manager_email=manager,
+                password=password,
+                invitation_lifetime=lifetime,
+            )
+    except accounts.AccountError as exc:
+        _fail(f"{exc.message}; nothing was changed")
+    address = added.member.user.email
+    click.echo(f"Added {address} to '{slug}' as {', '.join(added.member.membership.roles)}.")
+    if added.invitation is None:
+        if not added.new_login and password is None:
+            click.echo("They sign in with the password they already have.")
+        return
+    url = mail.link(platform.settings, mail.invitation_path(added.invitation))
+    assert added.invitation_expires is not None
+    until = f"{added.invitation_expires:%Y-%m-%d %H:%M}"
+    click.echo(f"Invitation link (single use, until {until} UTC):")
+    click.echo(url)
+    if mail.enabled(platform.settings):
+        subject, body = mail.render(
+            "invitation",
+            lang,
+            tenant=_tenant(platform, slug).name,
+            inviter="An administrator",
+            link=url,
+            expires=until,
+        )
+        try:
+            mail.send(platform.settings, address, subject, body)
+            click.echo(f"The link was also mailed to {address}.")
+        except mail.MailError as exc:
+            click.secho(f"The mail was not sent: {exc}. Pass the link on yourself.", fg="yellow")
+
+
+@user.command("list")
+@click.option("--tenant", "slug", required=True)
+@click.pass_context
+def user_list(ctx: click.Context, slug: str) -> None:
+    """List a tenant's members: email, roles, team, manager, state."""
+    platform = _platform(ctx)
+    item = _tenant(platform, slug)
+    with platform.session() as session:
+        members = accounts.list_members(session, item.id)
+    for member in members:
+        d = member.describe()
+        state = "active" if d["active"] else "deactivated"
+        if d["pending_invitation"]:
+            state += " (invited)"
+        click.echo(
+            f"{d['email']}\t{','.join(d['roles'])}\t{d['team'] or '-'}\t"
+            f"{d['manager'] or '-'}\t{state}"
+        )
+
+
+@user.command("deactivate")
+@click.option("--tenant", "slug", required=True)
+@click.option("--email", required=True)
+@click.pass_context
+def user_deactivate(ctx: click.Context, slug: str, email: str) -> None:
+    """Deactivate a member: their tokens and login sessions stop working at once."""
+    platform = _platform(ctx)
+    try:
+        with _work(platform, slug) as w:
+            member = accounts.deactivate(w, _member(w, email).user.id)
+    except accounts.AccountError as exc:
+        _fail(f"{exc.message}; nothing was changed")
+    click.echo(f"Deactivated {member.user.email} in '{slug}'; their tokens are revoked.")
+
+
+@user.command("reactivate")
+@click.option("--tenant", "slug", required=True)
+@click.option("--email", required=True)
+@click.pass_context
+def user_reactivate(ctx: click.Context, slug: str, email: str) -> None:
+    """Let a deactivated member in again (revoked tokens stay revoked)."""
+    platform = _platform(ctx)
+    try:
+        with _work(platform, slug) as w:
+            member = accounts.reactivate(w, _member(w, email).user.id)
+    except accounts.AccountError as exc:
+        _fail(f"{exc.message}; nothing was changed")
+    click.echo(f"Reactivated {member.user.email} in '{slug}'.")
+
+
+@main.group()
+def team() -> None:
+    """Add and list a tenant's teams."""
+
+
+@team.command("add")
+@click.option("--tenant", "slug", required=True)
+@click.argument("name")
+@click.option("--label", required=True, help="The name people read.")
+@click.option("--parent", default=None, help="API name of the team this one belongs to.")
+@click.pass_context
+def team_add(ctx: click.Context, slug: str, name: str, label: str, parent: str | None) -> None:
+    """Create a team (teams nest: a team sees its sub-teams' records)."""
+    platform = _platform(ctx)
+    try:
+        with _work(platform, slug) as w:
+            accounts.create_team(w, name, label, parent)
+    except accounts.AccountError as exc:
+        _fail(f"{exc.message}; nothing was changed")
+    click.echo(f"Created team '{name}' in '{slug}'.")
+
+
+@team.command("list")
+@click.option("--tenant", "slug", required=True)
+@click.pass_context
+def team_list(ctx: click.Context, slug: str) -> None:
+    """List a tenant's teams: name, label, parent, members."""
+    platform = _platform(ctx)
+    item = _tenant(platform, slug)
+    with platform.session() as session:
+        teams = accounts.list_teams(session, item.id)
+    for t in teams:
+        click.echo(f"{t['name']}\t{t['label']}\t{t['parent'] or '-'}\t{t['members']}")
+
+
 # -- token ----------------------------------------------------------------------------------
 
 
 @main.group()
 def token() -> None:
-    """API tokens."""
+    """API tokens: create (shown once), list, revoke."""
+
+
+_TOKEN_OPTIONS = {"name": "--name", "entities": "--entity", "expires_days": "--expires-days"}
 
 
 @token.command("create")
@@ -280,26 +462,123 @@ def token() -> None:
 @click.option("--user", "email", required=True, help="Email of a member of the tenant.")
 @click.option("--name", required=True, help="What the token is for.")
 @click.option("--read-only", is_flag=True, help="Refuse writes made with this token.")
+@click.option(
+    "--entity", "entities", multiple=True, help="Limit the token to this entity (repeatable)."
+)
+@click.option("--expires-days", type=int, default=None, help="Expire after this many days.")
 @click.pass_context
-def token_create(ctx: click.Context, slug: str, email: str, name: str, read_only: bool) -> None:
+def token_create(
+    ctx: click.Context,
+    slug: str,
+    email: str,
+    name: str,
+    read_only: bool,
+    entities: tuple[str, ...],
+    expires_days: int | None,
+) -> None:
     """Create an API token for a member and print it (once)."""
     platform = _platform(ctx)
-    if not 1 <= len(name) <= 100:
-        _fail("--name must be 1 to 100 characters long")
-    with platform.session() as session:
-        item = platform.tenant(session, slug)
-        if item is None:
-            _fail(f"there is no tenant '{slug}'")
-        user = session.scalar(sa.select(User).where(User.email == email.strip().lower()))
-        member = user and session.scalar(
-            sa.select(Membership).where(
-                Membership.user_id == user.id, Membership.tenant_id == item.id
+    try:
+        with _work(platform, slug) as w:
+            member = _member(w, email)
+            if not member.membership.is_active or not member.user.is_active:
+                _fail(f"{member.user.email} is deactivated in '{slug}'")
+            problems = tokens.scope_problems(
+                name,
+                list(entities) if entities else None,
+                expires_days,
+                accounts.entity_names(w.bundle),
             )
-        )
-        if not member:
-            _fail(f"{email} is not a member of '{slug}'")
-        _, secret = create_token(session, item, user, name, read_only)
+            if problems:
+                _fail("; ".join(f"{_TOKEN_OPTIONS[p.field]}: {p}" for p in problems))
+            expires = None
+            if expires_days:
+                expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=expires_days)
+            item, secret = tokens.create_token(
+                w.session,
+                w.tenant,
+                member.user,
+                name,
+                read_only,
+                expires,
+                list(entities) if entities else None,
+            )
+            accounts.audit_token(w, "token.created", item, member.user)
+    except accounts.AccountError as exc:
+        _fail(f"{exc.message}; nothing was changed")
     click.echo(secret)
+
+
+@token.command("list")
+@click.option("--tenant", "slug", required=True)
+@click.option("--user", "email", default=None, help="Only this member's tokens.")
+@click.pass_context
+def token_list(ctx: click.Context, slug: str, email: str | None) -> None:
+    """List a tenant's tokens (never their secrets)."""
+    platform = _platform(ctx)
+    item = _tenant(platform, slug)
+    with platform.session() as session:
+        user_id = None
+        if email is not None:
+            member = accounts.member_by_email(session, item.id, email)
+            if member is None:
+                _fail(f"{email} is not a member of '{slug}'")
+            user_id = member.user.id
+        owners = dict(session.execute(sa.select(User.id, User.email)).all())
+        for t in tokens.list_tokens(session, item.id, user_id):
+            d = tokens.describe(t)
+            scope = "read-only" if d["read_only"] else "read-write"
+            if d["entities"] is not None:
+                scope += " on " + ",".join(d["entities"])
+            click.echo(
+                f"{d['id']}\t{owners.get(t.user_id, '?')}\t{d['name']}\t{scope}\t{d['state']}\t"
+                f"expires {(d['expires_at'] or 'never')[:16]}\t"
+                f"last used {(d['last_used_at'] or 'never')[:16]}"
+            )
+
+
+@token.command("revoke")
+@click.option("--tenant", "slug", required=True)
+@click.argument("token_id")
+@click.pass_context
+def token_revoke(ctx: click.Context, slug: str, token_id: str) -> None:
+    """Revoke a token at once (TOKEN_ID as 'token list' shows it)."""
+    platform = _platform(ctx)
+    with _work(platform, slug) as w:
+        item = tokens.find_token(w.session, w.tenant.id, token_id.strip())
+        if item is None:
+            _fail(f"there is no token {token_id!r} in '{slug}'")
+        if not tokens.revoke_token(item):
+            _fail(f"token {token_id} was revoked already")
+        owner = w.session.get_one(User, item.user_id)
+        accounts.audit_token(w, "token.revoked", item, owner)
+    click.echo(f"Revoked token {item.id.hex} ({item.name}).")
+
+
+# -- operator -------------------------------------------------------------------------------
+
+
+@main.group()
+def operator() -> None:
+    """Platform operators: the operator console's logins (no tenant's members)."""
+
+
+@operator.command("create")
+@click.option("--email", required=True)
+@click.option("--password", default=None, help="Password (generated and printed if left out).")
+@click.pass_context
+def operator_create(ctx: click.Context, email: str, password: str | None) -> None:
+    """Create an operator who signs in at /operator/login."""
+    from metacrm.runtime import operators
+
+    platform = _platform(ctx)
+    try:
+        _, generated = operators.create_operator(platform, email, password)
+    except accounts.AccountError as exc:
+        _fail(exc.message)
+    click.echo(f"Created operator {email.strip().lower()}; sign in at /operator/login.")
+    if generated:
+        click.echo(f"Password (shown once): {generated}")
 
 
 # -- meta -----------------------------------------------------------------------------------

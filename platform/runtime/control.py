@@ -68,8 +68,9 @@ class Team(Base):
     #: API name of the team (the identifier grammar), stable; ``label`` is what people read.
     name: Mapped[str] = mapped_column(sa.String(63))
     label: Mapped[str] = mapped_column(sa.String(200))
+    #: CASCADE only matters when the tenant goes: ``accounts.delete_team`` refuses a parent.
     parent_id: Mapped[uuid.UUID | None] = mapped_column(
-        sa.ForeignKey("team.id", ondelete="RESTRICT")
+        sa.ForeignKey("team.id", ondelete="CASCADE")
     )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -104,9 +105,74 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(sa.String(100))
     secret_hash: Mapped[str] = mapped_column(sa.String(64))
     read_only: Mapped[bool] = mapped_column(default=False)
+    #: API names of the entities the token may touch; None means every entity.
+    entities: Mapped[list[str] | None] = mapped_column(JSONValue())
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime | None]
     last_used_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
+
+
+class Invitation(Base):
+    """A single-use, expiring link that lets a new member choose a password.
+
+    Only the SHA-256 of the link's secret is stored, so a copy of the control
+    database does not let anyone accept a pending invitation.
+    """
+
+    __tablename__ = "invitation"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("tenant.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("user_account.id", ondelete="CASCADE"))
+    secret_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[uuid.UUID | None]
+    expires_at: Mapped[dt.datetime]
+    accepted_at: Mapped[dt.datetime | None]
+
+
+class PasswordReset(Base):
+    """A single-use, expiring password-reset link sent by email (secret stored hashed)."""
+
+    __tablename__ = "password_reset"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("user_account.id", ondelete="CASCADE"))
+    secret_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+    used_at: Mapped[dt.datetime | None]
+
+
+class Operator(Base):
+    """A platform operator: runs the installation, creates tenants, is no tenant's member.
+
+    Kept apart from ``User`` on purpose: no membership can ever be attached to an
+    operator, so operator credentials open no tenant's records.
+    """
+
+    __tablename__ = "operator"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    email: Mapped[str] = mapped_column(sa.String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(sa.String(200))
+    is_active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class OperatorSession(Base):
+    """A server-side operator console session; the cookie holds a secret whose hash is here."""
+
+    __tablename__ = "operator_session"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    operator_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("operator.id", ondelete="CASCADE")
+    )
+    secret_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
     revoked_at: Mapped[dt.datetime | None]
 
 

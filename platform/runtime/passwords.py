@@ -1,14 +1,27 @@
-"""Password hashing with argon2id (argon2-cffi's recommended parameters)."""
+"""Passwords: argon2id hashing and the policy a new password must meet.
+
+The policy follows NIST SP 800-63B rather than composition rules: a length
+range (10 to 1024 characters), no password from the bundled list of the most
+common ones (compared without letter case, so ``Password123`` is as weak as
+``password123``), and nothing built on the person's own email name. The
+message names the rule that failed, so a person can pick a better one at once.
+"""
 
 from __future__ import annotations
 
+import functools
 import secrets
+from importlib import resources
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 _HASHER = PasswordHasher()
 MIN_LENGTH = 10
+MAX_LENGTH = 1024
+#: Email names shorter than this are too common as fragments to refuse (``al`` in ``alpine``).
+MIN_EMAIL_NAME = 3
+COMMON_LIST = "common-passwords.txt"
 
 
 def hash_password(password: str) -> str:
@@ -31,10 +44,26 @@ def generate_password() -> str:
     return secrets.token_urlsafe(12)
 
 
-def password_problem(password: str) -> str | None:
-    """Return why a chosen password is refused, or None."""
+@functools.cache
+def common_passwords() -> frozenset[str]:
+    """Return the bundled list of common passwords, lower-cased (read once per process)."""
+    text = (resources.files("metacrm.defaults") / COMMON_LIST).read_text("utf-8")
+    return frozenset(
+        line.strip().lower() for line in text.splitlines() if line.strip() and line[0] != "#"
+    )
+
+
+def password_problem(password: str, email: str | None = None) -> str | None:
+    """Return why a chosen password is refused (a phrase after "the password"), or None."""
     if len(password) < MIN_LENGTH:
-        return f"must be at least {MIN_LENGTH} characters long"
-    if len(password) > 1024:
-        return "must be at most 1024 characters long"
+        return f"must be at least {MIN_LENGTH} characters long (it has {len(password)})"
+    if len(password) > MAX_LENGTH:
+        return f"must be at most {MAX_LENGTH} characters long"
+    lowered = password.lower()
+    if lowered in common_passwords():
+        return "is one of the most common passwords, which attackers try first; choose another"
+    if email:
+        name = email.strip().lower().partition("@")[0]
+        if len(name) >= MIN_EMAIL_NAME and name in lowered:
+            return f"must not contain your email name ({name!r})"
     return None

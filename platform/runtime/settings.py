@@ -23,9 +23,10 @@ from typing import Any
 import sqlalchemy as sa
 
 ENV_PREFIX = "METACRM_"
-SECRET_KEYS = frozenset({"secret_key"})
+SECRET_KEYS = frozenset({"secret_key", "smtp_password"})
 SUPPORTED_DRIVERS = ("postgresql", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SMTP_SECURITY = ("starttls", "tls", "none")
 
 
 class SettingsError(ValueError):
@@ -49,6 +50,16 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 5000
     log_level: str = "INFO"
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_security: str = "starttls"
+    smtp_user: str = ""
+    smtp_password: str = ""
+    mail_from: str = ""
+    base_url: str = ""
+    invitation_hours: int = 72
+    password_reset_minutes: int = 60
+    operator_session_hours: int = 8
 
     @property
     def embedded(self) -> bool:
@@ -174,6 +185,22 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
     changes["log_level"] = settings.log_level.upper()
     if not 1 <= settings.port <= 65535:
         raise SettingsError(f"setting port: {settings.port} is not a TCP port")
+    if settings.smtp_security not in SMTP_SECURITY:
+        raise SettingsError(
+            f"setting smtp_security from {sources.get('smtp_security')}: "
+            f"{settings.smtp_security!r} is not one of {', '.join(SMTP_SECURITY)}"
+        )
+    if settings.smtp_host and not 1 <= settings.smtp_port <= 65535:
+        raise SettingsError(f"setting smtp_port: {settings.smtp_port} is not a TCP port")
+    if settings.base_url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", settings.base_url):
+        raise SettingsError(
+            f"setting base_url from {sources.get('base_url')}: {settings.base_url!r} is not "
+            "an http(s) URL such as https://crm.example.com"
+        )
+    changes["base_url"] = settings.base_url.rstrip("/")
+    for key in ("invitation_hours", "password_reset_minutes", "operator_session_hours"):
+        if getattr(settings, key) < 1:
+            raise SettingsError(f"setting {key}: must be at least 1")
     if settings.max_request_bytes < 1024:
         raise SettingsError("setting max_request_bytes: must be at least 1024")
     if not settings.secret_key:

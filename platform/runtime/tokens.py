@@ -12,19 +12,59 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from metacrm.metadata.identifiers import identifier_problem
 from metacrm.runtime.control import ApiToken, Membership, Tenant, User, utcnow
 from metacrm.runtime.principal import Principal
 
 PREFIX = "mcrm_"
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+MAX_NAME = 100
+MAX_ENTITIES = 100
+MAX_DAYS = 3650
 
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenError(ValueError):
+    """A token request was refused; ``field`` names the input at fault."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def scope_problems(
+    name: str,
+    entities: Sequence[str] | None,
+    expires_days: int | None,
+    known_entities: Iterable[str] | None = None,
+) -> list[TokenError]:
+    """Return every reason a token's name, entity list or lifetime is refused."""
+    problems = []
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= MAX_NAME:
+        problems.append(TokenError(f"the name must be 1 to {MAX_NAME} characters long", "name"))
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problems.append(TokenError("the name cannot contain control characters", "name"))
+    if entities is not None:
+        known = None if known_entities is None else set(known_entities)
+        if len(entities) > MAX_ENTITIES:
+            problems.append(TokenError(f"list at most {MAX_ENTITIES} entities", "entities"))
+        for entity in entities:
+            if not isinstance(entity, str) or identifier_problem(entity):
+                problems.append(TokenError(f"{entity!r} is not an entity API name", "entities"))
+            elif known is not None and entity not in known:
+                problems.append(TokenError(f"there is no entity {entity!r}", "entities"))
+    if expires_days is not None and not 1 <= expires_days <= MAX_DAYS:
+        problems.append(TokenError(f"the lifetime must be 1 to {MAX_DAYS} days", "expires_days"))
+    return problems
 
 
 def create_token(
@@ -34,21 +74,97 @@ def create_token(
     name: str,
     read_only: bool = False,
     expires_at: dt.datetime | None = None,
+    entities: Sequence[str] | None = None,
 ) -> tuple[ApiToken, str]:
-    """Store a new token for a member and return it with its plain text (shown once)."""
+    """Store a new token for a member and return it with its plain text (shown once).
+
+    ``entities`` limits the token to those entities (None: every entity the
+    user's roles allow); the permission layer reads it from ``principal.token``.
+    """
     secret = secrets.token_urlsafe(32)
     token = ApiToken(
         id=uuid.uuid4(),
         tenant_id=tenant.id,
         user_id=user.id,
-        name=name,
+        name=name.strip(),
         secret_hash=_digest(secret),
         read_only=read_only,
+        entities=None if entities is None else sorted(set(entities)),
         expires_at=expires_at,
     )
     session.add(token)
     session.flush()
     return token, f"{PREFIX}{token.id.hex}_{secret}"
+
+
+def list_tokens(
+    session: Session, tenant_id: uuid.UUID, user_id: uuid.UUID | None = None
+) -> list[ApiToken]:
+    """Return a tenant's tokens (one user's when ``user_id`` is given), newest first."""
+    query = sa.select(ApiToken).where(ApiToken.tenant_id == tenant_id)
+    if user_id is not None:
+        query = query.where(ApiToken.user_id == user_id)
+    return list(session.scalars(query.order_by(ApiToken.created_at.desc(), ApiToken.id)))
+
+
+def find_token(
+    session: Session, tenant_id: uuid.UUID, token_id: str, user_id: uuid.UUID | None = None
+) -> ApiToken | None:
+    """Return a token of this tenant (and user) by its id in hex or UUID form, or None."""
+    try:
+        key = uuid.UUID(token_id) if len(token_id) <= 36 else None
+    except ValueError:
+        return None
+    token = session.get(ApiToken, key) if key is not None else None
+    if token is None or token.tenant_id != tenant_id:
+        return None
+    if user_id is not None and token.user_id != user_id:
+        return None
+    return token
+
+
+def revoke_token(token: ApiToken) -> bool:
+    """Revoke a token now; return False when it was revoked already."""
+    if token.revoked_at is not None:
+        return False
+    token.revoked_at = utcnow()
+    return True
+
+
+def revoke_user_tokens(
+    session: Session, user_id: uuid.UUID, tenant_id: uuid.UUID | None = None
+) -> int:
+    """Revoke every live token of a user (in one tenant, or everywhere); return how many."""
+    query = (
+        sa.update(ApiToken)
+        .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    if tenant_id is not None:
+        query = query.where(ApiToken.tenant_id == tenant_id)
+    return session.execute(query, execution_options={"synchronize_session": False}).rowcount
+
+
+def describe(token: ApiToken) -> dict[str, Any]:
+    """Return what may be shown about a token: everything but its secret."""
+    now = utcnow()
+    if token.revoked_at is not None:
+        state = "revoked"
+    elif token.expires_at is not None and token.expires_at <= now:
+        state = "expired"
+    else:
+        state = "active"
+    return {
+        "id": token.id.hex,
+        "name": token.name,
+        "read_only": token.read_only,
+        "entities": token.entities,
+        "created_at": token.created_at.isoformat(),
+        "expires_at": token.expires_at and token.expires_at.isoformat(),
+        "last_used_at": token.last_used_at and token.last_used_at.isoformat(),
+        "revoked_at": token.revoked_at and token.revoked_at.isoformat(),
+        "state": state,
+    }
 
 
 def authenticate(session: Session, presented: str) -> Principal | None:

@@ -1,0 +1,1 @@
+"""Server-rendered screens (Jinja2 templates, htmx): one blueprint module per area."""
