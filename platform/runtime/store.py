@@ -219,6 +219,38 @@ def run_ddl(connection: Connection, statements: list[str]) -> None:
         connection.exec_driver_sql(statement)
 
 
+APPEND_ONLY = "the audit trail is append-only"
+
+
+def audit_guard_ddl(dialect: str, schema: str | None) -> list[str]:
+    """Return the statements that make ``_audit`` refuse UPDATE, DELETE (and TRUNCATE).
+
+    metacrm never changes an entry; the database refusing it too means no bug
+    and no stray SQL can either. Someone with the rights to drop the trigger
+    still can, which ``metacrm audit verify`` detects. The statements are
+    idempotent (new namespaces and upgrades run the same ones) and also create
+    the chain's head row.
+    """
+    zeros = "0" * 64
+    if dialect == "postgresql":
+        prefix = f'"{schema}".' if schema else ""
+        return [
+            f"CREATE OR REPLACE FUNCTION {prefix}_audit_append_only() RETURNS trigger "
+            f"LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION '{APPEND_ONLY}' "
+            "USING ERRCODE = '42501'; END$$",
+            f"DROP TRIGGER IF EXISTS _audit_append_only ON {prefix}_audit",
+            "CREATE TRIGGER _audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON "
+            f"{prefix}_audit FOR EACH STATEMENT EXECUTE FUNCTION {prefix}_audit_append_only()",
+            f"INSERT INTO {prefix}_audit_head (id, seq, hash) VALUES (1, 0, '{zeros}') "
+            "ON CONFLICT DO NOTHING",
+        ]
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS _audit_no_{verb.lower()} BEFORE {verb} ON _audit "
+        f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END"
+        for verb in ("UPDATE", "DELETE")
+    ] + [f"INSERT INTO _audit_head (id, seq, hash) VALUES (1, 0, '{zeros}') ON CONFLICT DO NOTHING"]
+
+
 @dataclass(frozen=True)
 class TenantStore:
     """The connection details of one tenant's namespace."""
@@ -262,9 +294,11 @@ class TenantStore:
         statements = table_ddl(connection.dialect, PLATFORM, PLATFORM.sorted_tables, self.schema)
         if create_schema and self.schema is not None:
             statements.insert(0, f'CREATE SCHEMA "{self.schema}"')
+        statements += audit_guard_ddl(connection.dialect.name, self.schema)
         run_ddl(connection, statements)
 
     def upgrade_platform_tables(self) -> None:
         """Add platform tables that a newer metacrm needs to an existing namespace."""
         with self.begin() as connection:
             PLATFORM.create_all(connection, checkfirst=True)
+            run_ddl(connection, audit_guard_ddl(connection.dialect.name, self.schema))

@@ -60,8 +60,20 @@ def verify(store: TenantStore) -> audittrail.Report:
         return audittrail.verify(connection)
 
 
+def unguard(connection: sa.Connection, store: TenantStore) -> None:
+    """Remove the append-only trigger, as someone with the database's admin rights could."""
+    if store.dialect == "postgresql":
+        connection.exec_driver_sql(
+            f'ALTER TABLE "{store.schema}"._audit DISABLE TRIGGER _audit_append_only'
+        )
+    else:
+        connection.exec_driver_sql("DROP TRIGGER IF EXISTS _audit_no_update")
+        connection.exec_driver_sql("DROP TRIGGER IF EXISTS _audit_no_delete")
+
+
 def tamper(store: TenantStore, *statements: Any) -> None:
     with store.begin() as connection:
+        unguard(connection, store)
         for statement in statements:
             connection.execute(statement)
 
@@ -227,6 +239,35 @@ def test_an_append_waits_for_the_open_transaction_before_it(store, backend):
 
 
 # -- tampering, each kind ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        audit.update().values(actor_name="someone else"),
+        audit.update().where(audit.c.seq == 2).values(seq=99),
+        audit.delete().where(audit.c.seq == 2),
+        audit.delete(),
+    ],
+    ids=["update", "renumber", "delete-one", "delete-all"],
+)
+def test_the_database_refuses_to_change_or_delete_entries(store, statement):
+    add(store, 2)
+    before = log(store)
+    with pytest.raises(sa.exc.DatabaseError) as info, store.begin() as connection:
+        connection.execute(statement)
+    assert "append-only" in str(info.value)
+    assert log(store) == before
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_truncate_is_refused_on_postgresql(store):
+    """SQLite has no TRUNCATE; its DELETE without WHERE is refused above."""
+    add(store, 1)
+    before = log(store)
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), store.begin() as connection:
+        connection.exec_driver_sql(f'TRUNCATE "{store.schema}"._audit')
+    assert log(store) == before
 
 
 def test_a_changed_entry_is_named(store):
@@ -481,6 +522,19 @@ def test_a_refused_publish_appends_nothing(store):
     with pytest.raises(metastore.VersionConflict):
         metastore.publish(store, {"format": 1}, expected_version=7)
     assert log(store) == before
+
+
+def test_upgrading_the_namespace_keeps_the_chain_and_the_guard(store):
+    add(store, 2)
+    before = log(store)
+    store.upgrade_platform_tables()
+    store.upgrade_platform_tables()
+    assert log(store) == before
+    (entry,) = add(store, 1)
+    assert entry["prev_hash"] == before[-1]["hash"]
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), store.begin() as connection:
+        connection.execute(audit.delete())
+    assert verify(store).ok
 
 
 def test_a_namespace_without_a_head_starts_it_from_the_log(store):

@@ -25,7 +25,9 @@ def test_sample_loads_validated_with_audit_and_numbering_continues(platform):
             name: connection.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
             for name, t in tables.items()
         }
-        audited = connection.execute(sa.select(sa.func.count()).select_from(audit)).scalar_one()
+        audited = connection.execute(
+            sa.select(sa.func.count()).select_from(audit).where(audit.c.entity.is_not(None))
+        ).scalar_one()
         events = connection.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one()
         names = set(connection.execute(sa.select(tables["customer"].c.name)).scalars())
     assert sum(counted.values()) == total and all(counted.values())
