@@ -179,3 +179,61 @@ def test_precision_on_a_formula_is_refused():
     deal = next(e for e in doc["entities"] if e["name"] == "deal")
     deal["fields"].append(_formula("odd", "amount * 2", precision=10))
     assert validate_bundle(doc)
+
+
+def _bulk(tenant, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    platform, store = tenant
+    with store.begin(immediate=True) as connection:
+        m = platform.models.current(store, connection)
+        return records.create_many(
+            connection, m, m.entity("item"), items, CALLER, platform.cipher, bulk=True
+        )
+
+
+def _counts(tenant) -> tuple[int, int, int]:
+    import sqlalchemy as sa
+
+    from metacrm.runtime.store import audit, outbox
+
+    platform, store = tenant
+    with store.connect() as connection:
+        m = platform.models.current(store, connection)
+        return tuple(
+            connection.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+            for t in (m.entity("item").table, audit, outbox)
+        )
+
+
+def test_bulk_create_returns_records_in_order_with_one_audit_entry_and_event_each(tenant):
+    before = _counts(tenant)
+    items = [{"name": f"B{k}", "amount": f"{k}.50"} for k in range(7)] + [{"name": "no amount"}]
+    created = _bulk(tenant, items)
+    assert [r["name"] for r in created] == [i["name"] for i in items]
+    assert [r["doubled"] for r in created[:2]] == ["1.25", "3.75"]
+    assert created[-1]["amount"] is None and created[-1]["version"] == 1
+    assert _counts(tenant) == tuple(n + 8 for n in before)
+
+
+def test_bulk_create_whose_audit_fails_stores_nothing(tenant, monkeypatch):
+    import sqlalchemy as sa
+
+    from metacrm.runtime import audittrail
+
+    before = _counts(tenant)
+
+    def broken(connection, entries):
+        raise sa.exc.OperationalError("INSERT INTO _audit", {}, Exception("disk full"))
+
+    monkeypatch.setattr(audittrail, "append_many", broken)
+    with pytest.raises(sa.exc.OperationalError):
+        _bulk(tenant, [{"name": "X1"}, {"name": "X2"}])
+    assert _counts(tenant) == before
+
+
+def test_bulk_create_with_one_bad_item_stores_nothing(tenant):
+    before = _counts(tenant)
+    with pytest.raises(records.RecordInvalid) as info:
+        _bulk(tenant, [{"name": "ok"}, {"name": "bad", "amount": "abc"}, {"amount": "1"}])
+    pointers = {e["pointer"] for e in info.value.errors}
+    assert pointers == {"/1/amount", "/2/name"}
+    assert _counts(tenant) == before
