@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from metacrm.metadata.identifiers import identifier_problem
 from metacrm.runtime import audittrail, metastore
-from metacrm.runtime.access import capabilities
+from metacrm.runtime.authz import capabilities
 from metacrm.runtime.control import (
     Invitation,
     Membership,

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
+from metacrm.runtime import authz
 from metacrm.runtime.api.problem import abort
 from metacrm.runtime.control import Tenant
+from metacrm.runtime.model import TenantModel
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.principal import Principal
 from metacrm.runtime.store import TenantStore
@@ -74,3 +76,16 @@ def resolve(slug: str) -> RequestContext:
     context = RequestContext(tenant, p.store(tenant), principal)
     g.metacrm_context = context
     return context
+
+def access(context: RequestContext, model: TenantModel) -> authz.Access:
+    """Return what the request's caller may do under the tenant's current model.
+
+    Built once per request (and again only if the request saw a newer version);
+    every check of the request, from the 403 to the WHERE clause, asks this one.
+    """
+    cached = g.get("metacrm_access")
+    if cached is not None and cached.policy.version == model.version:
+        return cached
+    found = authz.for_principal(context.principal, model, platform().control_engine)
+    g.metacrm_access = found
+    return found

@@ -15,9 +15,9 @@ from metacrm.metadata import schemas
 from metacrm.metadata.plan import Plan
 from metacrm.metadata.validation import BundleInvalid, validate_bundle
 from metacrm.runtime import metastore
-from metacrm.runtime.access import capabilities
-from metacrm.runtime.api.context import RequestContext, platform, resolve
+from metacrm.runtime.api.context import RequestContext, access, platform, resolve
 from metacrm.runtime.api.problem import abort, read_json
+from metacrm.runtime.authz import capabilities
 from metacrm.runtime.metastore import Actor
 from metacrm.runtime.migrator import DataCheckFailed
 
@@ -39,8 +39,8 @@ def _context(tenant: str, manage: bool = False) -> RequestContext:
         if context.principal.read_only:
             abort(403, "forbidden", "Forbidden", "this API token is read-only")
         with context.store.connect() as connection:
-            bundle = metastore.current(connection).bundle
-        if "manage_metadata" not in capabilities(bundle, context.principal.membership.roles):
+            model = platform().models.current(context.store, connection)
+        if not access(context, model).can("manage_metadata"):
             abort(
                 403,
                 "forbidden",

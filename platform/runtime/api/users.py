@@ -17,10 +17,10 @@ from typing import Any, NoReturn
 from flask import Blueprint, Response, jsonify, request
 
 from metacrm.runtime import accounts, mail
-from metacrm.runtime.access import capabilities
 from metacrm.runtime.accounts import AccountError, Actor
 from metacrm.runtime.api.context import RequestContext, platform, resolve
 from metacrm.runtime.api.problem import abort, read_json
+from metacrm.runtime.authz import capabilities
 from metacrm.runtime.control import User
 from metacrm.runtime.store import TenantStore
 

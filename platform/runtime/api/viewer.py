@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from metacrm.runtime.access import capabilities
+from metacrm.runtime.authz import capabilities
 from metacrm.runtime.principal import Principal
 
 #: Every field of the entity: the caller may not read the entity at all.
