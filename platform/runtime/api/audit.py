@@ -29,11 +29,11 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, g, jsonify, request, stream_with_context
 
-from metacrm.runtime import audittrail, metastore
+from metacrm.runtime import audittrail
 from metacrm.runtime import cursor as cursors
 from metacrm.runtime.api.context import RequestContext, platform, resolve
 from metacrm.runtime.api.problem import abort
-from metacrm.runtime.api.viewer import capabilities_of, hidden_fields_of, visible_changes
+from metacrm.runtime.api.viewer import viewer_of, visible_changes
 from metacrm.runtime.store import audit
 
 bp = Blueprint("audit_api", __name__, url_prefix="/t/<tenant>/api/v1/audit")
@@ -214,16 +214,15 @@ def _search() -> Search:
 def _context(tenant: str) -> tuple[RequestContext, Callable[[str], frozenset[str]]]:
     """Resolve the caller, refuse them without ``view_audit``, and return what masks views."""
     context = resolve(tenant)
-    with context.store.connect() as connection:
-        bundle = metastore.current(connection).bundle
-    if CAPABILITY not in capabilities_of(context.principal, bundle):
+    viewer = viewer_of(context)
+    if not viewer.can(CAPABILITY):
         abort(
             403,
             "forbidden",
             "Forbidden",
             "the audit trail needs a role with the view_audit capability",
         )
-    return context, hidden_fields_of(context.principal, bundle)
+    return context, viewer.hidden
 
 
 def _cursor_secret(context: RequestContext) -> bytes:

@@ -12,11 +12,10 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, Response, jsonify, request
 
-from metacrm.runtime import metastore
 from metacrm.runtime import notifications as inbox
 from metacrm.runtime.api.context import RequestContext, platform, resolve
 from metacrm.runtime.api.problem import abort, read_json
-from metacrm.runtime.api.viewer import capabilities_of
+from metacrm.runtime.api.viewer import viewer_of
 
 bp = Blueprint("notifications_api", __name__, url_prefix="/t/<tenant>/api/v1/notifications")
 
@@ -36,13 +35,12 @@ def _invalid(parameter: str, message: str) -> NoReturn:
     )
 
 
-def _caller(tenant: str, change: bool = False) -> tuple[RequestContext, set[str]]:
+def _caller(tenant: str, change: bool = False) -> tuple[RequestContext, frozenset[str]]:
+    """Resolve the caller and the capabilities whose notifications they receive."""
     context = resolve(tenant)
     if change and context.principal.read_only:
         abort(403, "forbidden", "Forbidden", "this API token is read-only")
-    with context.store.connect() as connection:
-        bundle = metastore.current(connection).bundle
-    return context, capabilities_of(context.principal, bundle)
+    return context, viewer_of(context).audience
 
 
 def _one(name: str, max_length: int) -> str | None:

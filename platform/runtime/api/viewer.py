@@ -1,91 +1,59 @@
 """What the caller of an audit or notification request may see.
 
-Two questions: which tenant-wide capabilities the caller's roles hold, and
-which fields of an entity field-level security hides from them. Audit views
-and the notification inbox ask only these, so the rules live in one place.
+Two questions: which tenant-wide capabilities the caller holds, and which
+fields of an entity field-level security hides from them. Both are answered by
+the permission core (:mod:`metacrm.runtime.authz`) under the tenant's published
+metadata, so audit views follow exactly the rules the record API follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from metacrm.runtime.authz import capabilities
-from metacrm.runtime.principal import Principal
+from metacrm.runtime import authz
+from metacrm.runtime.api.context import RequestContext, platform
+from metacrm.runtime.model import TenantModel
 
 #: Every field of the entity: the caller may not read the entity at all.
 EVERYTHING = frozenset({"*"})
 
 
-def capabilities_of(principal: Principal, bundle: Mapping[str, Any]) -> set[str]:
-    """Return the capabilities the caller's roles hold under the published bundle."""
-    return capabilities(bundle, principal.membership.roles)
+@dataclass(frozen=True)
+class Viewer:
+    """The caller's access at the tenant's current metadata version."""
+
+    access: authz.Access
+    model: TenantModel
+
+    def can(self, capability: str) -> bool:
+        """Tell whether the caller, with this credential, holds a capability."""
+        return self.access.can(capability)
+
+    @property
+    def audience(self) -> frozenset[str]:
+        """The capabilities whose notifications the caller receives.
+
+        The member's roles decide, not the credential: a read-only token still
+        shows its owner the alerts addressed to admins.
+        """
+        return self.access.policy.capabilities(self.access.roles)
+
+    def hidden(self, entity: str) -> frozenset[str]:
+        """Return the fields of ``entity`` hidden from the caller (:data:`EVERYTHING`
+        when the caller may not read the entity at all)."""
+        if not self.access.allows(entity, "read"):
+            return EVERYTHING
+        return self.access.hidden_fields(entity, self.model)
 
 
-def _roles(bundle: Mapping[str, Any], names: list[str]) -> list[Mapping[str, Any]]:
-    listed = bundle.get("roles", [])
-    by_name = {
-        r["name"]: r
-        for r in (listed if isinstance(listed, list) else [])
-        if isinstance(r, Mapping) and isinstance(r.get("name"), str)
-    }
-    found: list[Mapping[str, Any]] = []
-    pending, seen = list(names), set()
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in by_name:
-            continue
-        seen.add(name)
-        found.append(by_name[name])
-        inherits = by_name[name].get("inherits", [])
-        pending.extend(
-            i for i in (inherits if isinstance(inherits, list) else []) if isinstance(i, str)
-        )
-    return found
-
-
-def hidden_fields_of(
-    principal: Principal, bundle: Mapping[str, Any]
-) -> Callable[[str], frozenset[str]]:
-    """Return a function giving, per entity, the field names hidden from the caller.
-
-    A field is hidden when every permission that lets the caller read the
-    entity hides it; an entity the caller may not read at all hides every
-    field (:data:`EVERYTHING`). An explicit deny of ``read`` wins.
-    """
-    roles = _roles(bundle, list(principal.membership.roles))
-    cache: dict[str, frozenset[str]] = {}
-
-    def hidden(entity: str) -> frozenset[str]:
-        if entity in cache:
-            return cache[entity]
-        grants: list[Mapping[str, Any]] = []
-        denied = False
-        for role in roles:
-            permissions = role.get("permissions", [])
-            for p in permissions if isinstance(permissions, list) else []:
-                if not isinstance(p, Mapping) or p.get("entity") not in (entity, "*"):
-                    continue
-                actions = p.get("actions", [])
-                if "read" not in (actions if isinstance(actions, list) else []):
-                    continue
-                if p.get("effect", "allow") == "deny":
-                    denied = True
-                else:
-                    grants.append(p)
-        if denied or not grants:
-            result = EVERYTHING
-        else:
-            sets = []
-            for p in grants:
-                fields = p.get("fields", {})
-                fields = fields if isinstance(fields, Mapping) else {}
-                sets.append({name for name, how in fields.items() if how == "hidden"})
-            result = frozenset(set.intersection(*sets))
-        cache[entity] = result
-        return result
-
-    return hidden
+def viewer_of(context: RequestContext) -> Viewer:
+    """Return the viewer of a request, from its principal and the published metadata."""
+    p = platform()
+    with context.store.connect() as connection:
+        model = p.models.current(context.store, connection)
+    return Viewer(authz.for_principal(context.principal, model, p.control_engine), model)
 
 
 def visible_changes(
