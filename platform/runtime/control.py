@@ -215,3 +215,29 @@ def create_schema(engine: sa.Engine) -> None:
         if connection.dialect.name == "postgresql":
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('metacrm.control'))"))
         Base.metadata.create_all(connection)
+        _add_missing_columns(connection)
+
+
+def _add_missing_columns(connection: sa.Connection) -> None:
+    """Add the nullable columns a newer metacrm gave to tables an older one created.
+
+    ``create_all`` only creates missing tables; without this, an instance made
+    before e.g. ``api_token.entities`` existed would fail on every token. Only
+    nullable columns are added (existing rows read NULL, no data changes);
+    names come from the fixed ORM tables, never from input.
+    """
+    inspector = sa.inspect(connection)
+    existing_tables = set(inspector.get_table_names())
+    preparer = connection.dialect.identifier_preparer
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present or not column.nullable or column.primary_key:
+                continue
+            kind = column.type.compile(dialect=connection.dialect)
+            connection.exec_driver_sql(
+                f"ALTER TABLE {preparer.format_table(table)} "
+                f"ADD COLUMN {preparer.format_column(column)} {kind}"
+            )

@@ -367,3 +367,21 @@ def test_account_events_keep_the_audit_chain_valid(platform, tenant):
         "user.team_changed",
         "user.roles_changed",
     ]
+
+
+def test_an_older_control_database_gets_the_new_nullable_columns(platform, tenant):
+    from metacrm.runtime import control
+
+    with platform.control_engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE api_token DROP COLUMN entities")
+    control.create_schema(platform.control_engine)
+    control.create_schema(platform.control_engine)  # a second start adds nothing
+    columns = {c["name"] for c in sa.inspect(platform.control_engine).get_columns("api_token")}
+    assert "entities" in columns
+    with platform.session() as session:
+        boss = session.scalar(sa.select(User).where(User.email == f"boss@{tenant.slug}.example"))
+        _, secret = tokens.create_token(
+            session, session.get_one(Tenant, tenant.id), boss, "x", entities=["customer"]
+        )
+    with platform.session() as session:
+        assert tokens.authenticate(session, secret).token.entities == ["customer"]
