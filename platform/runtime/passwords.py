@@ -53,17 +53,37 @@ def common_passwords() -> frozenset[str]:
     )
 
 
-def password_problem(password: str, email: str | None = None) -> str | None:
-    """Return why a chosen password is refused (a phrase after "the password"), or None."""
+_REASONS = {
+    "en": {
+        "short": "must be at least {min} characters long (it has {n})",
+        "long": "must be at most {max} characters long",
+        "common": "is one of the most common passwords, which attackers try first; choose another",
+        "email": "must not contain your email name ({name!r})",
+    },
+    "zh-CN": {
+        "short": "至少需要 {min} 个字符（当前 {n} 个）",
+        "long": "最多 {max} 个字符",
+        "common": "是最常见的密码之一，攻击者会最先尝试；请换一个",
+        "email": "不能包含邮箱用户名（{name}）",
+    },
+}
+
+
+def password_problem(password: str, email: str | None = None, lang: str = "en") -> str | None:
+    """Return why a chosen password is refused (a phrase after "the password"), or None.
+
+    ``lang`` is ``en`` or ``zh-CN``; the Chinese phrase follows "密码".
+    """
+    reasons = _REASONS.get(lang, _REASONS["en"])
     if len(password) < MIN_LENGTH:
-        return f"must be at least {MIN_LENGTH} characters long (it has {len(password)})"
+        return reasons["short"].format(min=MIN_LENGTH, n=len(password))
     if len(password) > MAX_LENGTH:
-        return f"must be at most {MAX_LENGTH} characters long"
+        return reasons["long"].format(max=MAX_LENGTH)
     lowered = password.lower()
     if lowered in common_passwords():
-        return "is one of the most common passwords, which attackers try first; choose another"
+        return reasons["common"]
     if email:
         name = email.strip().lower().partition("@")[0]
         if len(name) >= MIN_EMAIL_NAME and name in lowered:
-            return f"must not contain your email name ({name!r})"
+            return reasons["email"].format(name=name)
     return None

@@ -20,6 +20,7 @@ from wtforms.validators import ValidationError
 
 from metacrm.runtime import accounts, mail
 from metacrm.runtime.accounts import AccountError
+from metacrm.runtime.passwords import password_problem
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.settings import Settings
 
@@ -121,6 +122,13 @@ def _field(name: str) -> str:
     return request.form.get(name, "")[: MAX_FIELD + 1]
 
 
+def _reason(error: AccountError, password: str, email: str) -> str:
+    """Return a refusal in the page's language (the policy's reasons exist in both)."""
+    if error.code == "weak_password" and language() == "zh-CN":
+        return "密码" + (password_problem(password, email, "zh-CN") or "不符合要求")
+    return error.message
+
+
 def _bad_link() -> Response:
     return _page(
         "account/message.html", 404, title="title_bad_link", message=TEXT[language()]["bad_link"]
@@ -152,7 +160,9 @@ def invitation(link: str) -> Response:
     except AccountError as exc:
         if exc.code == "invalid_link":
             return _bad_link()
-        return _page("account/invitation.html", 422, **{**values, "error": exc.message})
+        return _page(
+            "account/invitation.html", 422, **{**values, "error": _reason(exc, password, email)}
+        )
     return _page("account/message.html", title="title_done", message=text["done"], sign_in=True)
 
 
@@ -224,5 +234,5 @@ def reset(link: str) -> Response:
     except AccountError as exc:
         if exc.code == "invalid_link":
             return _bad_link()
-        return _page("account/reset.html", 422, email=email, error=exc.message)
+        return _page("account/reset.html", 422, email=email, error=_reason(exc, password, email))
     return _page("account/message.html", title="title_done", message=text["done"], sign_in=True)

@@ -682,3 +682,35 @@ def test_operator_logout_revokes_the_session_on_the_server(app, platform):
     replay = app.test_client()
     replay.set_cookie("metacrm_operator", cookie, path="/operator")
     assert replay.get("/operator/").status_code == 303
+
+
+def test_the_invitation_page_speaks_chinese(app, platform, orgs):
+    a, _ = orgs
+    with accounts.work(platform, a.tenant, accounts.CLI_ACTOR) as w:
+        added = accounts.add_member(w, email="mei@example.com", roles=["sales_rep"])
+    path = f"/account/invitation/{added.invitation}?lang=zh-CN"
+    browser = app.test_client()
+    page = browser.get(path)
+    assert "设置密码" in page.get_data(as_text=True) and 'lang="zh-CN"' in page.get_data(
+        as_text=True
+    )
+    token = csrf(browser, path)
+    weak = browser.post(
+        path, data={"csrf_token": token, "password": "12345678901", "confirm": "12345678901"}
+    )
+    assert weak.status_code == 422
+    assert "密码是最常见的密码之一" in weak.get_data(as_text=True)
+    accept_language = browser.get(
+        f"/account/invitation/{added.invitation}", headers={"Accept-Language": "zh-CN,zh;q=0.9"}
+    )
+    assert "加入" in accept_language.get_data(as_text=True)
+
+
+def test_a_sales_rep_cannot_change_their_own_roles(app, platform, orgs):
+    a, b = orgs
+    before = snapshot(platform, a, b)
+    response = app.test_client().patch(
+        f"/t/{a.slug}/api/v1/users/{a.rep.id}", json={"roles": ["admin"]}, headers=auth(a.rep_token)
+    )
+    assert response.status_code == 403 and response.json["code"] == "forbidden"
+    assert snapshot(platform, a, b) == before
