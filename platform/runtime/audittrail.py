@@ -84,7 +84,11 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_canonical(v) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        # Keys starting with '$' get one more, so no object can pose as a number.
+        return {
+            ("$" + str(k) if str(k).startswith("$") else str(k)): _canonical(v)
+            for k, v in value.items()
+        }
     raise AuditError(f"audit values must be JSON, not {type(value).__name__}")
 
 
@@ -319,6 +323,24 @@ def verify(connection: Connection) -> Report:
             recomputed = entry_hash(row, row["prev_hash"])
         except (AuditError, KeyError, TypeError, AttributeError):
             recomputed = ""
+        if recomputed != row["hash"] and row["prev_hash"] != previous_hash:
+            try:
+                relinked = entry_hash(row, previous_hash) == row["hash"]
+            except (AuditError, KeyError, TypeError, AttributeError):
+                relinked = False
+            if relinked:
+                # Only the link was edited: the content still hashes onto its predecessor.
+                report.problems.append(
+                    Problem(
+                        "changed",
+                        seq,
+                        entry_id,
+                        f"entry seq {seq} (id {entry_id}) was changed: its prev_hash was "
+                        "edited (the rest of the entry is intact)",
+                    )
+                )
+                previous_hash, previous_seq = row["hash"], seq
+                continue
         if recomputed != row["hash"]:
             report.problems.append(
                 Problem(

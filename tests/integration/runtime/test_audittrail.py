@@ -282,6 +282,15 @@ def test_a_changed_entry_is_named(store):
     assert str(target["id"]) in report.problems[0].message
 
 
+def test_an_edited_link_is_named_as_such(store):
+    entries = add(store, 3)
+    target = entries[1]
+    tamper(store, audit.update().where(audit.c.seq == target["seq"]).values(prev_hash="a" * 64))
+    report = verify(store)
+    assert kinds(report) == [("changed", target["seq"])]
+    assert "prev_hash was edited" in report.problems[0].message
+
+
 def test_a_changed_json_value_is_named(store):
     entries = add(store, 3)
     target = entries[0]

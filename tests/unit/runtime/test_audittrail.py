@@ -1,0 +1,91 @@
+"""The audit hash: one canonical form, stable across releases and backends."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+
+import pytest
+
+from metacrm.runtime import audittrail
+from metacrm.runtime.audittrail import GENESIS, AuditError, _canonical, entry_hash
+
+ENTRY = {
+    "id": uuid.UUID("01a20818-e464-72e5-be09-86ae513228f7"),
+    "at": dt.datetime(2026, 11, 23, 9, 14, 3, 118220, tzinfo=dt.UTC),
+    "actor_id": uuid.UUID("01a20818-e408-7cf8-b1dc-53bef5d0ff42"),
+    "actor_name": "li.na@acme.example",
+    "action": "record.update",
+    "entity": "customer",
+    "record_id": uuid.UUID("01a20818-e448-755f-9987-9967eb2938d2"),
+    "changes": {"level": ["normal", "vip"], "name": ["上海", "上海华联"]},
+    "detail": {"version": 3, "ratio": 0.5},
+    "ip": "203.0.113.7",
+}
+
+
+def test_the_hash_of_a_known_entry_never_changes():
+    """The canonical form, spelled out: changing it would fail every stored chain."""
+    canonical = (
+        '{"action":"record.update","actor_id":"01a20818-e408-7cf8-b1dc-53bef5d0ff42",'
+        '"actor_name":"li.na@acme.example","at":"2026-11-23T09:14:03.118220Z",'
+        '"changes":{"level":["normal","vip"],"name":["上海","上海华联"]},'
+        '"detail":{"ratio":{"$n":"5E-1"},"version":{"$n":"3E+0"}},"entity":"customer",'
+        '"id":"01a20818-e464-72e5-be09-86ae513228f7","ip":"203.0.113.7",'
+        f'"prev_hash":"{GENESIS}","record_id":"01a20818-e448-755f-9987-9967eb2938d2"}}'
+    )
+    expected = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    assert entry_hash(ENTRY, GENESIS) == expected
+    assert expected == "d2f3ac60e8e94f595b16eca236fcab5cad405aabb60f4ed2f7f6739ea15847de"
+
+
+def test_an_object_cannot_pose_as_a_number():
+    posing = {**ENTRY, "detail": {"version": 3, "ratio": {"$n": "5E-1"}}}
+    assert entry_hash(posing, GENESIS) != entry_hash(ENTRY, GENESIS)
+
+
+def test_the_hash_ignores_key_order_and_time_zone_but_not_values():
+    reordered = {**ENTRY, "changes": {"name": ENTRY["changes"]["name"], "level": ["normal", "vip"]}}
+    assert entry_hash(reordered, GENESIS) == entry_hash(ENTRY, GENESIS)
+    shanghai = dt.timezone(dt.timedelta(hours=8))
+    moved = {**ENTRY, "at": ENTRY["at"].astimezone(shanghai)}
+    assert entry_hash(moved, GENESIS) == entry_hash(ENTRY, GENESIS)
+    assert entry_hash({**ENTRY, "detail": {"version": 4, "ratio": 0.5}}, GENESIS) != entry_hash(
+        ENTRY, GENESIS
+    )
+    assert entry_hash(ENTRY, "f" * 64) != entry_hash(ENTRY, GENESIS)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (1e300, 10**300),  # PostgreSQL's JSONB gives 1e300 back as a 301-digit integer
+        (1.0, 1),
+        (-0.0, 0),
+        (2.5e-7, 0.00000025),
+    ],
+)
+def test_numbers_hash_by_value(a, b):
+    assert _canonical(a) == _canonical(b)
+
+
+def test_different_numbers_and_types_stay_different():
+    assert _canonical(1) != _canonical(2)
+    assert _canonical(0.1) != _canonical(0.2)
+    assert _canonical("1") != _canonical(1)
+    assert _canonical(True) != _canonical(1)
+    assert _canonical(None) != _canonical(0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), object(), {1, 2}, b"bytes"])
+def test_values_that_are_not_json_are_refused(value):
+    with pytest.raises(AuditError):
+        _canonical({"x": value})
+
+
+def test_actions_follow_the_grammar():
+    for good in ("login", "record.update", "auth.login_failed", "a.b.c"):
+        assert audittrail.ACTION.match(good)
+    for bad in ("", "Login", "record.", ".x", "record..x", "a-b", "record.update\n", "记录"):
+        assert not audittrail.ACTION.fullmatch(bad)
