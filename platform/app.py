@@ -8,16 +8,20 @@ from typing import Any
 
 from flask import Flask
 
+from metacrm.runtime import ratelimit
 from metacrm.runtime import settings as settings_module
 from metacrm.runtime.api import audit as audit_api
 from metacrm.runtime.api import meta, openapi, problem, service
 from metacrm.runtime.api import notifications as notifications_api
 from metacrm.runtime.api import records as records_api
+from metacrm.runtime.api import security as security_api
 from metacrm.runtime.api import tokens as tokens_api
 from metacrm.runtime.api import users as users_api
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.web import account as account_web
+from metacrm.runtime.web import auth as web_auth
 from metacrm.runtime.web import operator as operator_web
+from metacrm.runtime.web import signin as signin_web
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
@@ -38,6 +42,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["metacrm"] = platform
 
     problem.init_app(app)
+    web_auth.init_app(app)
+    ratelimit.init_app(app)
     app.register_blueprint(service.bp)
     app.register_blueprint(meta.bp)
     app.register_blueprint(records_api.bp)
@@ -48,6 +54,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(operator_web.bp)
     audit_api.init_app(app)
     app.register_blueprint(notifications_api.bp)
+    app.register_blueprint(security_api.bp)
+    app.register_blueprint(signin_web.bp)
     return app
 
 

@@ -9,6 +9,7 @@ semantic pass, so one typo does not bury the report under follow-on errors.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import zoneinfo
 from collections.abc import Iterator, Mapping
@@ -634,6 +635,41 @@ class _SemanticChecker:
                     f"{timezone!r} is not a known time zone",
                     "use an IANA name such as Asia/Shanghai or Europe/Berlin",
                 )
+        self.check_security(settings.get("security"))
+
+    def check_security(self, security: Any) -> None:
+        """Check what JSON Schema cannot: allowlist entries are networks, roles exist."""
+        if not isinstance(security, Mapping):
+            return
+        for index, entry in enumerate(security.get("ip_allowlist") or ()):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                self.add(
+                    f"/settings/security/ip_allowlist/{index}",
+                    f"{entry!r} is not a network in CIDR notation",
+                    "write an address or a network such as 203.0.113.0/24 or 2001:db8::/32",
+                )
+        roles = self.doc.get("roles")
+        known = (
+            {r.get("name") for r in roles if isinstance(r, Mapping)}
+            if isinstance(roles, list)
+            else set()
+        )
+        for index, role in enumerate(security.get("mfa_required_roles") or ()):
+            if role not in known:
+                self.add(
+                    f"/settings/security/mfa_required_roles/{index}",
+                    f"there is no role '{role}'",
+                    _did_you_mean(role, known),
+                )
+        idle = security.get("session_idle_minutes")
+        absolute = security.get("session_absolute_minutes")
+        if isinstance(idle, int) and isinstance(absolute, int) and idle > absolute:
+            self.add(
+                "/settings/security/session_idle_minutes",
+                "the idle timeout is longer than the absolute one, so it would never apply",
+            )
 
 
 def _did_you_mean(name: str, choices: Any) -> str | None:

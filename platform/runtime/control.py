@@ -176,6 +176,99 @@ class OperatorSession(Base):
     revoked_at: Mapped[dt.datetime | None]
 
 
+class LoginSession(Base):
+    """A server-side login session; the browser's signed cookie holds only a random id.
+
+    The row is keyed by the SHA-256 of that id, so a copy of the control
+    database cannot be replayed as cookies. ``revoked_at`` ends it at once
+    (logout, password or MFA change, deactivation); ``tenant_id`` is the
+    tenant the person chose after signing in, and nothing else switches it.
+    """
+
+    __tablename__ = "login_session"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    secret_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("user_account.id", ondelete="CASCADE"), index=True
+    )
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("tenant.id", ondelete="CASCADE")
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    ip: Mapped[str | None] = mapped_column(sa.String(45))
+    user_agent: Mapped[str | None] = mapped_column(sa.String(300))
+    #: The second factor was checked in this session (or the user has none to check).
+    mfa_passed: Mapped[bool] = mapped_column(default=False)
+    revoked_at: Mapped[dt.datetime | None]
+
+
+class UserMfa(Base):
+    """A user's TOTP second factor; the secret is encrypted with the platform key.
+
+    ``last_step`` is the last accepted 30-second time step, so a code seen
+    once (shoulder-surfed, phished, replayed) is refused afterwards.
+    """
+
+    __tablename__ = "user_mfa"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("user_account.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret: Mapped[str] = mapped_column(sa.String(300))
+    #: None while enrolment waits for the first code; MFA is on once confirmed.
+    confirmed_at: Mapped[dt.datetime | None]
+    last_step: Mapped[int | None] = mapped_column(sa.BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RecoveryCode(Base):
+    """A single-use MFA recovery code, stored as a SHA-256 hash."""
+
+    __tablename__ = "recovery_code"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("user_account.id", ondelete="CASCADE"), index=True
+    )
+    code_hash: Mapped[str] = mapped_column(sa.String(64))
+    used_at: Mapped[dt.datetime | None]
+
+
+class LoginThrottle(Base):
+    """Failed sign-ins counted per account (``kind`` "account") and per IP ("ip").
+
+    Kept in the control database so every web process sees the same counts;
+    ``key`` is the normalised email or the IP address.
+    """
+
+    __tablename__ = "login_throttle"
+    __table_args__ = (sa.UniqueConstraint("kind", "key"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    kind: Mapped[str] = mapped_column(sa.String(10))
+    key: Mapped[str] = mapped_column(sa.String(254))
+    failures: Mapped[int] = mapped_column(default=0)
+    first_failure_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    locked_until: Mapped[dt.datetime | None]
+
+
+class KnownIp(Base):
+    """An address a user has signed in from; a new one raises an alert."""
+
+    __tablename__ = "known_ip"
+    __table_args__ = (sa.UniqueConstraint("user_id", "ip"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("user_account.id", ondelete="CASCADE")
+    )
+    ip: Mapped[str] = mapped_column(sa.String(45))
+    first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 def teams_within(
     session: Session, tenant_id: uuid.UUID, team_id: uuid.UUID | None
 ) -> tuple[uuid.UUID, ...]:

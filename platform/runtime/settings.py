@@ -27,6 +27,11 @@ SECRET_KEYS = frozenset({"secret_key", "smtp_password"})
 SUPPORTED_DRIVERS = ("postgresql", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SMTP_SECURITY = ("starttls", "tls", "none")
+#: A flask-limiter rate: "N per unit" or "N/unit", several joined by ";".
+RATE_LIMIT = (
+    r"[1-9][0-9]{0,8} ?(per|/) ?(second|minute|hour|day)s?"
+    r"( ?; ?[1-9][0-9]{0,8} ?(per|/) ?(second|minute|hour|day)s?)*"
+)
 
 
 class SettingsError(ValueError):
@@ -60,6 +65,13 @@ class Settings:
     invitation_hours: int = 72
     password_reset_minutes: int = 60
     operator_session_hours: int = 8
+    session_idle_minutes: int = 30
+    session_absolute_minutes: int = 720
+    login_max_failures: int = 5
+    login_ip_max_failures: int = 50
+    login_lockout_minutes: int = 15
+    login_rate_limit: str = "30 per minute"
+    api_rate_limit: str = "1200 per minute"
 
     @property
     def embedded(self) -> bool:
@@ -201,6 +213,21 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
     for key in ("invitation_hours", "password_reset_minutes", "operator_session_hours"):
         if getattr(settings, key) < 1:
             raise SettingsError(f"setting {key}: must be at least 1")
+    for key in (
+        "session_idle_minutes",
+        "session_absolute_minutes",
+        "login_max_failures",
+        "login_ip_max_failures",
+        "login_lockout_minutes",
+    ):
+        if getattr(settings, key) < 1:
+            raise SettingsError(f"setting {key}: must be at least 1")
+    for key in ("login_rate_limit", "api_rate_limit"):
+        if not re.fullmatch(RATE_LIMIT, getattr(settings, key)):
+            raise SettingsError(
+                f"setting {key} from {sources.get(key)}: {getattr(settings, key)!r} is not a "
+                "rate such as '30 per minute' or '10/second'"
+            )
     if settings.max_request_bytes < 1024:
         raise SettingsError("setting max_request_bytes: must be at least 1024")
     if not settings.secret_key:

@@ -1,4 +1,4 @@
-"""Resolve the tenant from the URL and the caller from the bearer token.
+"""Resolve the tenant from the URL and the caller from the bearer token or login cookie.
 
 The tenant comes only from the URL path, and the token must belong to that
 tenant: a token of tenant A on tenant B's path is answered exactly like an
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
-from metacrm.runtime import authz
+from metacrm.runtime import authz, sessions
 from metacrm.runtime.api.problem import abort
 from metacrm.runtime.control import Tenant
 from metacrm.runtime.model import TenantModel
@@ -51,12 +51,7 @@ def resolve(slug: str) -> RequestContext:
         return cached
     presented = _bearer()
     if presented is None:
-        abort(
-            401,
-            "unauthorized",
-            "Authentication required",
-            "send an API token as 'Authorization: Bearer <token>'",
-        )
+        return _resolve_login(slug)
     p = platform()
     with Session(p.control_engine, expire_on_commit=False) as session, session.begin():
         principal = authenticate(session, presented)
@@ -71,11 +66,53 @@ def resolve(slug: str) -> RequestContext:
     if tenant is None or tenant.id != principal.tenant_id:
         # A valid token on another tenant's path looks exactly like an unknown tenant.
         abort(404, "not_found", "Not Found", "there is no such tenant")
+    _check_ip(sessions.tenant_security(p, tenant))
     if principal.token is not None:
         record_use(p.control_engine, principal.token)
     context = RequestContext(tenant, p.store(tenant), principal)
     g.metacrm_context = context
     return context
+
+
+def _check_ip(security: sessions.Security) -> None:
+    """Refuse a request from outside the tenant's IP allowlist (tokens and sessions alike)."""
+    if not security.allows(request.remote_addr):
+        abort(
+            403,
+            "ip_not_allowed",
+            "Address not allowed",
+            "this tenant accepts requests only from the networks on its IP allowlist",
+        )
+
+
+def _resolve_login(slug: str) -> RequestContext:
+    """Resolve a request that came with the login cookie instead of a bearer token.
+
+    Only a session at its last stage counts (password, second factor, tenant
+    chosen); its tenant is the one chosen at sign-in, so the same cookie on
+    another tenant's path is a 404. State-changing calls were already checked
+    for the page's CSRF token (``web.auth``), because a cookie rides along on
+    forged requests too.
+    """
+    from metacrm.runtime.web.auth import current_login  # the web layer sits on top of this one
+
+    login = current_login()
+    if login is None or login.stage != "ready" or login.membership is None:
+        abort(
+            401,
+            "unauthorized",
+            "Authentication required",
+            "send an API token as 'Authorization: Bearer <token>', or sign in",
+        )
+    assert login.tenant is not None
+    if login.tenant.slug != slug:
+        abort(404, "not_found", "Not Found", "there is no such tenant")
+    _check_ip(login.security)
+    principal = Principal(login.user, login.membership, session_id=login.row.id)
+    context = RequestContext(login.tenant, platform().store(login.tenant), principal)
+    g.metacrm_context = context
+    return context
+
 
 def access(context: RequestContext, model: TenantModel) -> authz.Access:
     """Return what the request's caller may do under the tenant's current model.
