@@ -343,8 +343,8 @@ def sql_lists(bed: Bed, report: Report, reps: int, seconds: float) -> None:
                 note=mc_plan if mc_plan == b0_plan else f"metacrm: {mc_plan} | B0: {b0_plan}",
             ),
             Row(
-                f"{op.name} same 50 ids as B0",
-                float(same and len(b0_rows) == 50),
+                f"{op.name} same ids in the same order as B0",
+                float(same and len(b0_rows) > 0),
                 "",
                 target=Target.exactly(1),
                 note=f"{len(b0_rows)} rows",
@@ -868,7 +868,7 @@ def _writes(bed: Bed, client: servers.Client, base: str, reps: int, seconds: flo
 # -- O8: bulk import ---------------------------------------------------------------------------
 
 
-IMPORT_BATCH = 500
+IMPORT_BATCH = 2000
 #: D4 columns that name no writable field: the owner is the importing user (``owner_id`` is
 #: a system column), the other two are carried by exports and mapped to nothing.
 IMPORT_IGNORED = ("owner_id", "external_ref", "notes")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench import o9_add_field, o13_tenants, validate_plan
+from bench import dataset, o1_o8_records, o9_add_field, o13_tenants, servers, validate_plan
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
@@ -97,3 +97,90 @@ def test_result_table_is_aligned_with_ratio_and_verdict():
     assert "0.50x" in lines[3] and "PASS" in lines[3]
     assert "150.00x" in lines[4] and "FAIL" in lines[4]
     assert len({len(line) for line in lines[1:3]}) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_records_benchmark_matches_plans_never_offsets_and_logs_every_write(backend, capsys):
+    record = o1_o8_records.run(
+        [
+            "--quick",
+            "--no-json",
+            "--backend",
+            backend,
+            "--rows",
+            "3000",
+            "--d4-rows",
+            "300",
+            "--seconds",
+            "0.05",
+            "--wrk-seconds",
+            "0",
+            "--repetitions",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    for title in (
+        f"== O1-O3 list SQL, {backend}",
+        f"== O4 deep paging by cursor, {backend}, 3,000 rows",
+        f"== O5 count with a list, {backend}",
+        f"== O6 report SQL, {backend}",
+        f"== O1/O2/O7 through HTTP, {backend}",
+        f"== O14 storage, {backend}, 3,000 rows",
+        f"== O8 bulk import of D4, {backend}",
+        "O6: metacrm has no report API yet",
+    ):
+        assert title in out
+    rows = {row["label"]: row for section in record["sections"] for row in section["rows"]}
+    for op in ("o1", "o2", "o3"):
+        assert rows[f"{op} plan shape equal"]["verdict"] == "PASS", rows[f"{op} plan shape equal"]
+        assert rows[f"{op} same ids in the same order as B0"]["verdict"] == "PASS"
+    for label in ("GROUP BY status + SUM", "GROUP BY status, region + SUM"):
+        assert rows[f"{label} plan shape equal"]["verdict"] == "PASS"
+    assert rows["statements with OFFSET sent by metacrm"]["value"] == 0
+    assert rows["API statements with OFFSET"]["value"] == 0
+    assert "3 pages" in rows["API statements with OFFSET"]["note"]
+    assert rows["o7 writes with one audit entry and one outbox event each"]["verdict"] == "PASS"
+    assert rows["o1 p50 single client"]["baseline"] > 0
+    assert rows["rows created"]["value"] == 300
+    assert rows["import rows/s"]["baseline"] > 0
+    assert rows["bytes per record incl. indexes"]["baseline"] > 0
+
+
+WRK_OUTPUT = """Running 15s test @ http://127.0.0.1:8000/x
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.52ms  810.23us  21.02ms   88.10%
+    Req/Sec     2.29k   151.32     2.54k    74.00%
+  Latency Distribution
+     50%    3.38ms
+     75%    3.71ms
+     90%    4.21ms
+     99%    1.02s
+  34150 requests in 15.00s, 9.41MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   2276.54
+Transfer/sec:    642.05KB
+"""
+
+
+def test_wrk_output_is_read_with_its_units_and_errors():
+    result = servers.WrkResult.parse(WRK_OUTPUT)
+    assert result.requests_per_s == 2276.54
+    assert (result.p50, result.p90, result.p99) == (3.38, 4.21, 1020.0)
+    assert result.requests == 34150
+    assert result.errors == 7
+
+
+def test_wrk_refuses_hosts_other_than_loopback():
+    with pytest.raises(ValueError):
+        servers.wrk("http://example.com/", 1)
+
+
+def test_d4_has_fourteen_columns_and_is_deterministic(tmp_path):
+    first = list(dataset.d4_rows(50))
+    assert first == list(dataset.d4_rows(50))
+    assert all(len(row) == len(dataset.D4_COLUMNS) == 14 for row in first)
+    path = dataset.write_d4(tmp_path / "d4.csv", 10)
+    assert path.read_text("utf-8").splitlines()[0] == ",".join(dataset.D4_COLUMNS)
