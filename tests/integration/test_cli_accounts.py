@@ -48,9 +48,9 @@ def slug(cli: Cli) -> str:
 
 def test_user_add_prints_an_invitation_that_sets_a_password(cli, slug):
     out = cli(
-        "user", "add", "--tenant", slug, "--email", "Ann@Example.com", "--role", "sales_rep"
+        "user", "add", "--tenant", slug, "--email", f"Ann@{slug}.example", "--role", "sales_rep"
     ).stdout
-    assert "Added ann@example.com" in out
+    assert f"Added ann@{slug}.example" in out
     link = re.search(r"/account/invitation/(\S+)", out).group(1)
     assert out.count("http://127.0.0.1:5000/account/invitation/") == 1
     platform = cli.platform()
@@ -61,7 +61,7 @@ def test_user_add_prints_an_invitation_that_sets_a_password(cli, slug):
     finally:
         platform.close()
     listed = cli("user", "list", "--tenant", slug).stdout
-    assert re.search(r"ann@example\.com\tsales_rep\t-\t-\tactive\n", listed)
+    assert f"ann@{slug}.example\tsales_rep\t-\t-\tactive\n" in listed
 
 
 def test_user_add_with_a_password_and_team(cli, slug):
@@ -73,7 +73,7 @@ def test_user_add_with_a_password_and_team(cli, slug):
         "--tenant",
         slug,
         "--email",
-        "bo@example.com",
+        f"bo@{slug}.example",
         "--role",
         "sales_manager",
         "--role",
@@ -90,7 +90,7 @@ def test_user_add_with_a_password_and_team(cli, slug):
     platform = cli.platform()
     try:
         with platform.session() as session:
-            user = session.scalar(sa.select(User).where(User.email == "bo@example.com"))
+            user = session.scalar(sa.select(User).where(User.email == f"bo@{slug}.example"))
             assert verify_password(user.password_hash, GOOD)
             roles = session.scalar(sa.select(Membership.roles).where(Membership.user_id == user.id))
             assert roles == ["sales_manager", "sales_rep"]
@@ -129,16 +129,17 @@ def test_deactivate_revokes_tokens_and_reactivate_keeps_them_revoked(cli, slug):
         "--tenant",
         slug,
         "--email",
-        "cy@example.com",
+        f"cy@{slug}.example",
         "--role",
         "sales_rep",
         "--password",
         GOOD,
     )
-    secret = cli("token", "create", "--tenant", slug, "--user", "cy@example.com", "--name", "t")
+    secret = cli("token", "create", "--tenant", slug, "--user", f"cy@{slug}.example", "--name", "t")
     secret = secret.stdout.strip()
     assert (
-        "revoked" in cli("user", "deactivate", "--tenant", slug, "--email", "cy@example.com").stdout
+        "revoked"
+        in cli("user", "deactivate", "--tenant", slug, "--email", f"cy@{slug}.example").stdout
     )
     platform = cli.platform()
     try:
@@ -147,14 +148,16 @@ def test_deactivate_revokes_tokens_and_reactivate_keeps_them_revoked(cli, slug):
     finally:
         platform.close()
     assert "deactivated" in cli("user", "list", "--tenant", slug).stdout
-    again = cli("user", "deactivate", "--tenant", slug, "--email", "cy@example.com", code=1)
+    again = cli("user", "deactivate", "--tenant", slug, "--email", f"cy@{slug}.example", code=1)
     assert "deactivated already" in again.stderr
     refused = cli(
-        "token", "create", "--tenant", slug, "--user", "cy@example.com", "--name", "t", code=1
+        "token", "create", "--tenant", slug, "--user", f"cy@{slug}.example", "--name", "t", code=1
     )
     assert "is deactivated" in refused.stderr
-    cli("user", "reactivate", "--tenant", slug, "--email", "cy@example.com")
-    assert "revoked" in cli("token", "list", "--tenant", slug, "--user", "cy@example.com").stdout
+    cli("user", "reactivate", "--tenant", slug, "--email", f"cy@{slug}.example")
+    assert (
+        "revoked" in cli("token", "list", "--tenant", slug, "--user", f"cy@{slug}.example").stdout
+    )
     last = cli("user", "deactivate", "--tenant", slug, "--email", f"boss@{slug}.example", code=1)
     assert "last active member who can manage users" in last.stderr
     ghost = cli("user", "deactivate", "--tenant", slug, "--email", "no@example.com", code=1)
