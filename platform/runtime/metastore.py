@@ -223,6 +223,7 @@ def publish(
     validated: bool = False,
     rollback_to: int | None = None,
     prepared: PreparedPlan | None = None,
+    finish: Callable[[Connection], None] | None = None,
 ) -> Version:
     """Apply a new bundle as the next version, or raise and change nothing.
 
@@ -232,7 +233,9 @@ def publish(
     first inside the same transaction (tenant creation makes the namespace there,
     so a failed first publish leaves no schema behind on PostgreSQL). ``prepared``
     is the plan of ``new_doc`` from the empty bundle, built once for many tenants
-    (creation from a template); it only applies as version 1.
+    (creation from a template); it only applies as version 1. ``finish`` runs
+    last inside the transaction, after the version is recorded (tenant creation
+    registers the tenant there when its tables share the control database).
     """
     purge = list(purge)
     if prepared is not None and (expected_version != 0 or prepared.plan.result is not new_doc):
@@ -257,6 +260,7 @@ def publish(
                 validated,
                 rollback_to,
                 prepared,
+                finish,
             )
         except DBAPIError as exc:
             code = getattr(exc.orig, "sqlstate", None)
@@ -284,6 +288,7 @@ def _publish_once(
     validated: bool,
     rollback_to: int | None = None,
     prepared: PreparedPlan | None = None,
+    finish: Callable[[Connection], None] | None = None,
 ) -> Version:
     with _publishing(store, lock_timeout_ms) as connection:
         if prepare is not None:
@@ -357,6 +362,8 @@ def _publish_once(
             detail=detail,
             at=version.created_at,
         )
+        if finish is not None:
+            finish(connection)
         return version
 
 

@@ -174,6 +174,32 @@ def create_tenant(
                 raise TenantError(_EXISTING_LOGIN.format(email=admin_email.lower()))
     store = TenantStore(slug, platform.engines.get(url), schema)
     make_namespace = _namespace_maker(platform, store)
+    registered: list[tuple[Tenant, User | None, str | None]] = []
+
+    def register(session: Session) -> None:
+        tenant = Tenant(
+            slug=slug, name=name.strip(), database_url=url, schema=schema, template=template
+        )
+        session.add(tenant)
+        session.flush()
+        admin, generated = None, None
+        if admin_email is not None:
+            admin, generated = _ensure_user(session, admin_email, admin_password)
+            session.add(Membership(tenant_id=tenant.id, user_id=admin.id, roles=["admin"]))
+            session.flush()
+        registered[:] = [(tenant, admin, generated)]
+
+    def register_with_tables(connection: Connection) -> None:
+        # The control tables are not the tenant's: stop naming its schema (this is
+        # the transaction's last step, so nothing after it needs the translation).
+        connection.execution_options(schema_translate_map=None)
+        with Session(bind=connection, expire_on_commit=False) as session:
+            register(session)
+
+    # A schema in the control database itself: schema, tables, version and
+    # registration commit together (one transaction, nothing half-made if the
+    # process dies between two commits, and one commit fewer).
+    together = store.schema is not None and store.engine is platform.control_engine
     published = False
     try:
         metastore.publish(
@@ -184,18 +210,12 @@ def create_tenant(
             comment=f"created from template {template}",
             prepare=make_namespace,
             prepared=prepared,  # validated when the template was loaded (_template)
+            finish=register_with_tables if together else None,
         )
-        published = True
-        with platform.session() as session:
-            tenant = Tenant(
-                slug=slug, name=name.strip(), database_url=url, schema=schema, template=template
-            )
-            session.add(tenant)
-            session.flush()
-            admin, generated = None, None
-            if admin_email is not None:
-                admin, generated = _ensure_user(session, admin_email, admin_password)
-                session.add(Membership(tenant_id=tenant.id, user_id=admin.id, roles=["admin"]))
+        published = not together
+        if not together:
+            with platform.session() as session:
+                register(session)
     except BaseException as exc:
         # On PostgreSQL a failed first publish rolled the schema back with it (and a
         # schema that existed before is not ours); the SQLite file is this call's own.
@@ -207,7 +227,7 @@ def create_tenant(
                     # Another creation of the same slug won the race.
                     raise TenantError(f"tenant '{slug}' already exists") from None
         raise
-    return CreatedTenant(tenant, admin, generated)
+    return CreatedTenant(*registered[0])
 
 
 def _ensure_user(session: Session, email: str, password: str | None) -> tuple[User, str | None]:

@@ -21,6 +21,7 @@ from metacrm.metadata.plan import make_plan
 from metacrm.metadata.tables import build_tables
 from metacrm.runtime import metastore, tenancy
 from metacrm.runtime import store as store_module
+from metacrm.runtime.control import Membership
 from metacrm.runtime.migrator import PreparedPlan
 from metacrm.runtime.model import compile_model
 from metacrm.runtime.search import ensure_search_indexes
@@ -324,3 +325,32 @@ def test_concurrent_creation_of_one_slug_makes_one_tenant(platform, monkeypatch)
     (registered,) = tenancy.list_tenants(platform)
     with platform.store(registered).connect() as connection:
         assert metastore.current(connection).version == 1
+
+
+def test_a_failure_while_adding_the_admin_leaves_nothing(platform, monkeypatch):
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt  # the process stops between the tables and the login
+
+    monkeypatch.setattr(tenancy, "_ensure_user", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tenancy.create_tenant(platform, "acme", "Acme", admin_email="boss@acme.example")
+    assert tenancy.list_tenants(platform) == []
+    with platform.session() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Membership)) == 0
+    if platform.settings.embedded:
+        assert list(platform.settings.tenants_dir.glob("acme-*")) == []
+    else:
+        with platform.control_engine.connect() as connection:
+            assert (
+                connection.execute(
+                    sa.text("SELECT count(*) FROM pg_namespace WHERE nspname = :s"),
+                    {"s": f"{platform.settings.tenant_schema_prefix}acme"},
+                ).scalar()
+                == 0
+            )
+    monkeypatch.undo()
+    created = tenancy.create_tenant(platform, "acme", "Acme", admin_email="boss@acme.example")
+    assert created.admin is not None and created.generated_password
+    with platform.session() as session:
+        membership = session.scalar(sa.select(Membership))
+        assert (membership.tenant_id, membership.user_id) == (created.tenant.id, created.admin.id)
