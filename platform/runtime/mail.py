@@ -85,7 +85,8 @@ def send(settings: Settings, to: str, subject: str, body: str) -> None:
     sender = settings.mail_from or f"metacrm@{settings.smtp_host}"
     message["From"] = formataddr(("metacrm", sender))
     message["To"] = to
-    message["Subject"] = subject
+    # A header must stay one line: a tenant name with a line break must not end it early.
+    message["Subject"] = " ".join(subject.split())
     message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
     message.set_content(body, charset="utf-8")
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from metacrm.runtime import mail
 from metacrm.runtime import settings as settings_module
@@ -89,3 +90,34 @@ def test_an_unreachable_server_is_a_mail_error(tmp_path) -> None:
     settings = load(tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_security="none")
     with pytest.raises(mail.MailError):
         mail.send(settings, "a@example.com", "s", "b")
+
+
+def test_a_subject_with_line_breaks_stays_one_header(tmp_path) -> None:
+    received: list[bytes] = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802
+            received.append(envelope.content)
+            return "250 OK"
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        settings = load(tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_security="none")
+        subject, body = mail.render(
+            "invitation",
+            "en",
+            tenant="Acme\r\nBcc: all@x.example",
+            inviter="x",
+            link="l",
+            expires="e",
+        )
+        mail.send(settings, "a@example.com", subject, body)
+    finally:
+        controller.stop()
+    (content,) = received
+    headers = content.split(b"\r\n\r\n", 1)[0]
+    assert b"\nBcc:" not in headers and b"Acme Bcc: all@x.example" in headers
