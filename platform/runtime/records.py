@@ -436,12 +436,18 @@ def _log(
     )
 
 
-def _log_many(
-    c: _Context, operation: str, entries: Sequence[tuple[uuid.UUID, dict[str, Any]]], version: int
+def _log_each(
+    c: _Context, operation: str, entries: Sequence[tuple[uuid.UUID, dict[str, Any], int]]
 ) -> None:
-    """``_log`` for many records at once: one outbox executemany, one audit lock."""
+    """``_log`` for records written one by one, called after the last of them.
+
+    The audit append locks the tenant's chain until commit; taking it only
+    after every row lock of the write means a bulk write and a single write of
+    one of its records cannot wait on each other in a circle (a deadlock on
+    PostgreSQL), and other writers wait for less time.
+    """
     if len(entries) <= 1:
-        for record_id, changes in entries:
+        for record_id, changes, version in entries:
             _log(c, record_id, operation, changes, version)
         return
     c.connection.execute(
@@ -461,10 +467,9 @@ def _log_many(
                     "changes": changes,
                 },
             }
-            for record_id, changes in entries
+            for record_id, changes, version in entries
         ],
     )
-    # Last: appending takes the tenant's audit lock, held until the commit.
     audittrail.append_many(
         c.connection,
         [
@@ -478,9 +483,16 @@ def _log_many(
                 "detail": {"version": version},
                 "at": c.now,
             }
-            for record_id, changes in entries
+            for record_id, changes, version in entries
         ],
     )
+
+
+def _log_many(
+    c: _Context, operation: str, entries: Sequence[tuple[uuid.UUID, dict[str, Any]]], version: int
+) -> None:
+    """``_log`` for many records at once: one outbox executemany, one audit lock."""
+    _log_each(c, operation, [(record_id, changes, version) for record_id, changes in entries])
 
 
 def _fetch_many(
@@ -688,6 +700,7 @@ def update_many(
     if errors:
         raise RecordInvalid(errors)
     done = []
+    logged: list[tuple[uuid.UUID, dict[str, Any], int]] = []
     for pointer, record_id, values, expected in prepared:
         row = _current(c, record_id, scope=scope)
         if expected is not None and row["version"] != expected:
@@ -715,11 +728,12 @@ def update_many(
             _write_relations(c, record_id, {k: v for k, v in values.items() if k in changes})
         except sa.exc.IntegrityError as exc:
             raise _integrity(c, exc, pointer) from None
-        _log(c, record_id, "update", changes, version)
+        logged.append((record_id, changes, version))
         done.append((pointer, record_id))
     errors = _check_rules(c, done)
     if errors:
         raise RecordInvalid(errors)
+    _log_each(c, "update", logged)
     return [_fetch(connection, model, entity, record_id, c.eval_context()) for _, record_id in done]
 
 
@@ -758,6 +772,7 @@ def _set_deleted(
     scope: sa.ColumnElement[bool] | None = None,
 ) -> None:
     c = _context(connection, model, entity, caller, FieldCipher("unused-for-deletes"))
+    logged: list[tuple[uuid.UUID, dict[str, Any], int]] = []
     for record_id, expected in ids:
         row = _current(c, record_id, deleted=restoring, scope=scope)
         if expected is not None and row["version"] != expected:
@@ -774,7 +789,8 @@ def _set_deleted(
             )
         )
         change = [json_value(row["deleted_at"]), None if restoring else json_value(c.now)]
-        _log(c, record_id, "restore" if restoring else "delete", {"deleted_at": change}, version)
+        logged.append((record_id, {"deleted_at": change}, version))
+    _log_each(c, "restore" if restoring else "delete", logged)
 
 
 def delete_many(

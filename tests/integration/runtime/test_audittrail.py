@@ -526,6 +526,63 @@ def test_record_writes_and_metadata_changes_are_audited(platform, store):
     assert verify(store).ok
 
 
+def test_a_bulk_write_takes_the_audit_lock_after_its_row_locks(platform, store):
+    """A single write holding a row of a bulk write, then appending, must not deadlock."""
+    caller = Caller(ALICE, "alice@example.com")
+    with store.begin() as connection:
+        model = platform.models.current(store, connection)
+        customer = model.entity("customer")
+        ids = [
+            uuid.UUID(
+                records.create(
+                    connection, model, customer, {"name": f"C{i}"}, caller, platform.cipher
+                )["id"]
+            )
+            for i in range(2)
+        ]
+    holding, release = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def single() -> None:
+        try:
+            with store.begin() as connection:
+                connection.execute(
+                    customer.table.update().where(customer.table.c.id == ids[1]).values(city="X")
+                )
+                holding.set()
+                release.wait(10)
+                audittrail.append(connection, action="record.update", actor_id=BOB, actor_name="b")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    def bulk() -> None:
+        try:
+            holding.wait(10)
+            with store.begin(immediate=True) as connection:
+                records.update_many(
+                    connection,
+                    model,
+                    customer,
+                    [(ids[0], {"city": "A"}, None), (ids[1], {"city": "B"}, None)],
+                    caller,
+                    platform.cipher,
+                    bulk=True,
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=single), threading.Thread(target=bulk)]
+    for t in threads:
+        t.start()
+    threads[1].join(0.5)  # the bulk write is now waiting for the second row
+    release.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert [e["action"] for e in log(store)[-3:]] == ["record.update"] * 3
+    assert verify(store).ok
+
+
 def test_a_refused_publish_appends_nothing(store):
     before = log(store)
     with pytest.raises(metastore.VersionConflict):
