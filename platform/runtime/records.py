@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import difflib
 import functools
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -28,16 +29,17 @@ from metacrm.metadata.expression import EvalContext, compile_sql
 from metacrm.metadata.fieldtypes import ValueProblem, constraint_name
 from metacrm.metadata.model import FieldDef
 from metacrm.runtime import audittrail
+from metacrm.runtime.authz import Access, Forbidden, OwnerRefused
 from metacrm.runtime.crypto import FieldCipher
 from metacrm.runtime.model import EntityModel, TenantModel, parsed
 from metacrm.runtime.recordschema import load_payload
 from metacrm.runtime.recordview import (
+    SYSTEM_FIELDS,
     attach_relations,
     column_resolver,
     json_value,
     rows_to_json,
     select_columns,
-    to_json,
 )
 from metacrm.runtime.store import outbox, sequence
 
@@ -68,6 +70,11 @@ class Caller:
     user_id: uuid.UUID | None
     name: str
     team_id: uuid.UUID | None = None
+    #: What the caller may do; None for the platform itself (rules, imports by operators,
+    #: the demo), which is not limited. With it, hidden fields are refused like unknown
+    #: ones and never returned, read-only fields are refused, and ``owner_id`` may be
+    #: assigned within the caller's scope.
+    access: Access | None = None
 
 
 class RecordError(Exception):
@@ -102,6 +109,8 @@ class _Context:
     caller: Caller
     cipher: FieldCipher
     now: dt.datetime
+    #: Owners assigned by the payload (``owner_id``), per item pointer: (owner, their team).
+    owners: dict[str, tuple[uuid.UUID, uuid.UUID | None]] = field(default_factory=dict)
 
     @property
     def table(self) -> sa.Table:
@@ -141,10 +150,11 @@ def _fetch(
     query = sa.select(*select_columns(model, entity, ctx)).where(table.c.id == record_id, live)
     if scope is not None:
         query = query.where(scope)
-    row = connection.execute(query).mappings().first()
+    result = connection.execute(query)
+    row = result.first()
     if row is None:
         raise RecordNotFound(f"no {entity.name} record with id {record_id}")
-    record = to_json(entity, row)
+    record = rows_to_json(entity, list(result.keys()), [row])[0]
     attach_relations(connection, entity, [record])
     return record
 
@@ -171,8 +181,11 @@ def _validate(
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     if not isinstance(data, Mapping):
         return {}, [{"pointer": pointer or "/", "message": "must be a JSON object of fields"}]
+    screened: list[dict[str, str]] = []
+    if c.caller.access is not None:
+        data, screened = _screen(c, c.caller.access, data, pointer, creating)
     values, problems = load_payload(c.entity, data)
-    errors = [
+    errors = screened + [
         {"pointer": f"{pointer}/{name}", "message": message} for name, message in problems.items()
     ]
     if creating:
@@ -202,6 +215,99 @@ def _validate(
         if f.required and (value is None or value == "" or value == []):
             errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
     return values, errors
+
+
+def _screen(
+    c: _Context, access: Access, data: Mapping[str, Any], pointer: str, creating: bool
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Apply field-level security to a payload before its values are read.
+
+    A hidden field is refused with the very words an unknown field gets (and
+    is never suggested for a typo), so a payload cannot probe for it; a field
+    read-only for the caller's roles is refused as such; ``owner_id`` is taken
+    out and checked against the caller's scope for the action.
+    """
+    rules = access.field_rules(c.entity.name, c.model)
+    visible = [f.name for f in c.entity.entity.active_fields() if f.name not in rules.hidden]
+    kept: dict[str, Any] = {}
+    errors: list[dict[str, str]] = []
+    for name, value in data.items():
+        at = f"{pointer}/{_pointer_token(name)}"
+        if name == "owner_id":
+            try:
+                c.owners[pointer] = _assign_owner(c, access, value, creating)
+            except OwnerRefused as exc:
+                errors.append({"pointer": at, "message": str(exc)})
+            continue
+        if name not in SYSTEM_FIELDS and (name in rules.hidden or c.entity.field(name) is None):
+            close = difflib.get_close_matches(str(name), visible, 1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            errors.append({"pointer": at, "message": f"is not a field of '{c.entity.name}'{hint}"})
+        elif name in rules.read_only:
+            errors.append({"pointer": at, "message": "is read-only for your role"})
+        else:
+            kept[name] = value
+    return kept, errors
+
+
+def _pointer_token(name: object) -> str:
+    return str(name).replace("~", "~0").replace("/", "~1")
+
+
+def _assign_owner(
+    c: _Context, access: Access, value: Any, creating: bool
+) -> tuple[uuid.UUID, uuid.UUID | None]:
+    """Return (owner, team) for an ``owner_id`` in a payload, or raise OwnerRefused."""
+    if not isinstance(value, str) or len(value) > 36:
+        raise OwnerRefused("must be a user id (a UUID string)")
+    try:
+        owner = uuid.UUID(value)
+    except ValueError:
+        raise OwnerRefused("must be a user id (a UUID string)") from None
+    action = "create" if creating else "update"
+    try:
+        return owner, access.assign_owner(c.entity.name, action, owner)
+    except Forbidden as exc:
+        raise OwnerRefused(str(exc)) from None
+
+
+def _refused(c: _Context, errors: list[dict[str, str]]) -> RecordInvalid:
+    """Return the refusal of a write, with nothing that names a field hidden from the caller.
+
+    Errors of checks the caller cannot influence (a hidden required field, a rule
+    on a hidden field) point at the record and say only that a field the caller
+    cannot see refuses the change.
+    """
+    access = c.caller.access
+    if access is None:
+        return RecordInvalid(errors)
+    hidden = access.field_rules(c.entity.name, c.model).hidden
+    if not hidden:
+        return RecordInvalid(errors)
+    shown = []
+    for error in errors:
+        parts = error["pointer"].split("/")
+        named = [p for p in parts[1:] if not p.isdigit()]
+        text = error["message"]
+        if (named and named[0] in hidden) or any(
+            name in text.replace("'", " ").replace(".", " ").split() for name in hidden
+        ):
+            root = "/" + parts[1] if len(parts) > 1 and parts[1].isdigit() else "/"
+            error = {
+                "pointer": root,
+                "message": "a field you cannot see does not allow this change; "
+                "ask an administrator",
+            }
+        shown.append(error)
+    return RecordInvalid(shown)
+
+
+def _shown(c: _Context) -> tuple[TenantModel, EntityModel]:
+    """Return the model and entity records are returned through (hidden fields removed)."""
+    if c.caller.access is None:
+        return c.model, c.entity
+    model = c.caller.access.view(c.model)
+    return model, model.entities[c.entity.name]
 
 
 def _check_references(c: _Context, rows: Sequence[tuple[str, dict[str, Any]]]) -> list[dict]:
@@ -580,15 +686,16 @@ def create_many(
     errors.extend(_check_references(c, prepared))
     errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
     if errors:
-        raise RecordInvalid(errors)
+        raise _refused(c, errors)
     created: list[tuple[str, uuid.UUID]] = []
     rows = []
     for pointer, values in prepared:
         record_id = uuid7()
+        owner, team = c.owners.get(pointer, (caller.user_id, caller.team_id))
         row = {
             "id": record_id,
-            "owner_id": caller.user_id,
-            "team_id": caller.team_id,
+            "owner_id": owner,
+            "team_id": team,
             "created_at": c.now,
             "created_by": caller.user_id,
             "updated_at": c.now,
@@ -613,10 +720,10 @@ def create_many(
             for _pointer, record_id, _row, values in rows:
                 _write_relations(c, record_id, values)
     except sa.exc.IntegrityError as exc:
-        raise _integrity(c, exc) from None
+        raise _refused(c, _integrity(c, exc).errors) from None
     errors = _check_rules(c, created)
     if errors:
-        raise RecordInvalid(errors)
+        raise _refused(c, errors)
     entries = []
     for _pointer, record_id, row, values in rows:
         changes = {
@@ -626,9 +733,12 @@ def create_many(
         for f in entity.entity.active_fields():
             if f.type == "auto_number":
                 changes[f.name] = [None, row[f.name]]
+        if row["owner_id"] != caller.user_id:
+            changes["owner_id"] = [None, json_value(row["owner_id"])]
         entries.append((record_id, changes))
     _log_many(c, "create", entries, 1)
-    return _fetch_many(connection, model, entity, [r for _, r in created], c.eval_context())
+    shown_model, shown = _shown(c)
+    return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
 
 
 def create(
@@ -698,7 +808,7 @@ def update_many(
     errors.extend(_check_references(c, [(p, v) for p, _, v, _ in prepared]))
     errors.extend(_check_unique(c, [(p, v, i) for p, i, v, _ in prepared]))
     if errors:
-        raise RecordInvalid(errors)
+        raise _refused(c, errors)
     done = []
     logged: list[tuple[uuid.UUID, dict[str, Any], int]] = []
     for pointer, record_id, values, expected in prepared:
@@ -715,11 +825,17 @@ def update_many(
                 compare_new = sorted(value or [], key=str)
             if compare_old != compare_new or f.type == "encrypted_text":
                 changes[name] = [_audit_value(f, old), _audit_value(f, value)]
+        owner = c.owners.get(pointer)
+        if owner is not None and owner[0] != row["owner_id"]:
+            changes["owner_id"] = [json_value(row["owner_id"]), json_value(owner[0])]
         if not changes:
             done.append((pointer, record_id))
             continue
         version = row["version"] + 1
         columns = _columns_of(c, {k: v for k, v in values.items() if k in changes})
+        if "owner_id" in changes and owner is not None:
+            # The record follows its new owner into the owner's team.
+            columns.update(owner_id=owner[0], team_id=owner[1])
         columns.update(updated_at=c.now, updated_by=caller.user_id, version=version)
         try:
             connection.execute(
@@ -727,14 +843,15 @@ def update_many(
             )
             _write_relations(c, record_id, {k: v for k, v in values.items() if k in changes})
         except sa.exc.IntegrityError as exc:
-            raise _integrity(c, exc, pointer) from None
+            raise _refused(c, _integrity(c, exc, pointer).errors) from None
         logged.append((record_id, changes, version))
         done.append((pointer, record_id))
     errors = _check_rules(c, done)
     if errors:
-        raise RecordInvalid(errors)
+        raise _refused(c, errors)
     _log_each(c, "update", logged)
-    return [_fetch(connection, model, entity, record_id, c.eval_context()) for _, record_id in done]
+    shown_model, shown = _shown(c)
+    return [_fetch(connection, shown_model, shown, r, c.eval_context()) for _, r in done]
 
 
 def update(
@@ -817,8 +934,9 @@ def restore(
     _set_deleted(
         connection, model, entity, [(record_id, None)], caller, restoring=True, scope=scope
     )
-    ctx = _context(connection, model, entity, caller, FieldCipher("unused")).eval_context()
-    return _fetch(connection, model, entity, record_id, ctx)
+    c = _context(connection, model, entity, caller, FieldCipher("unused"))
+    shown_model, shown = _shown(c)
+    return _fetch(connection, shown_model, shown, record_id, c.eval_context())
 
 
 @_in_savepoint
