@@ -3,7 +3,9 @@
 Creating a tenant makes its namespace (a PostgreSQL schema or a SQLite file),
 publishes the template as metadata version 1 through the same planner every
 later change goes through, and registers the tenant with its first admin.
-Anything that fails undoes the namespace, so no half-made tenant remains.
+Anything that fails undoes the namespace, so no half-made tenant remains; a
+schema in the control database commits with the registration, in one
+transaction. The template's plan and tables are built once per process.
 """
 
 from __future__ import annotations
