@@ -785,16 +785,40 @@ def audit() -> None:
     """Verify and export a tenant's audit trail."""
 
 
+def _anchors(values: tuple[str, ...]) -> dict[int, str]:
+    anchors: dict[int, str] = {}
+    for value in values:
+        seq, colon, digest = value.partition(":")
+        if (
+            not colon
+            or not seq.isdigit()
+            or len(seq) > 18
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest)
+        ):
+            _fail(f"--anchor must be SEQ:HASH as 'audit verify' prints them, not {value[:80]!r}")
+        anchors[int(seq)] = digest
+    return anchors
+
+
 @audit.command("verify")
 @click.option("--tenant", "slug", required=True)
+@click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    metavar="SEQ:HASH",
+    help="A head an earlier run printed; fails if that entry's hash changed. Repeatable.",
+)
 @click.pass_context
-def audit_verify(ctx: click.Context, slug: str) -> None:
+def audit_verify(ctx: click.Context, slug: str, anchors: tuple[str, ...]) -> None:
     """Check the audit trail's hash chain; name every changed, missing, reordered or
     inserted entry and exit 1 if there is one."""
+    expected = _anchors(anchors)
     store = _platform(ctx).store(_tenant(_platform(ctx), slug))
     try:
         with store.connect() as connection:
-            report = audittrail.verify(connection)
+            report = audittrail.verify(connection, expected)
     except sa.exc.SQLAlchemyError as exc:
         _fail(f"cannot read the audit trail of '{slug}': {type(exc.orig or exc).__name__}")
     for problem in report.problems:
@@ -809,6 +833,7 @@ def audit_verify(ctx: click.Context, slug: str) -> None:
         f"OK: {report.entries} entries, chain intact; head seq {report.head_seq} "
         f"hash {report.head_hash}"
     )
+    click.echo(f"Anchor for later runs: --anchor {report.head_seq}:{report.head_hash}")
 
 
 def _when(value: str | None, option: str) -> Any:

@@ -306,19 +306,35 @@ def _rows(connection: Connection, batch: int = 5000) -> Iterator[Any]:
         after = rows[-1]["seq"]
 
 
-def verify(connection: Connection) -> Report:
+def verify(connection: Connection, anchors: Mapping[int, str] | None = None) -> Report:
     """Check the whole chain and the head; describe every break found.
 
     A first pass streams the log and only notes where links break. Only if
     something broke does a second pass index every entry's hash to tell a
-    deletion from a reordering or an insertion.
+    deletion from a reordering or an insertion. ``anchors`` maps a ``seq`` to
+    the hash its entry had when someone wrote it down earlier (the head that
+    a previous ``verify`` printed): a chain rebuilt from some entry on is
+    consistent in itself, but cannot keep those hashes.
     """
+    anchors = dict(anchors or {})
     report = Report()
     suspects: list[int] = []
     previous_hash, previous_seq = GENESIS, 0
     for row in _rows(connection):
         report.entries += 1
         seq, entry_id = row["seq"], str(row["id"])
+        expected = anchors.pop(seq, None)
+        if expected is not None and expected != row["hash"]:
+            report.problems.append(
+                Problem(
+                    "changed",
+                    seq,
+                    entry_id,
+                    f"entry seq {seq} (id {entry_id}) has hash {row['hash']}, not the "
+                    f"{expected} written down for it: the chain was rebuilt from this entry "
+                    "or an earlier one",
+                )
+            )
         try:
             recomputed = entry_hash(row, row["prev_hash"])
         except (AuditError, KeyError, TypeError, AttributeError):
@@ -365,6 +381,15 @@ def verify(connection: Connection) -> Report:
             )
         previous_hash, previous_seq = row["hash"], seq
     report.head_seq, report.head_hash = previous_seq, previous_hash
+    for seq, expected in sorted(anchors.items()):
+        report.problems.append(
+            Problem(
+                "missing",
+                seq,
+                None,
+                f"entry seq {seq} (written down with hash {expected}) is no longer in the log",
+            )
+        )
     if suspects:
         report.problems.extend(_diagnose(connection, suspects))
     head = connection.execute(

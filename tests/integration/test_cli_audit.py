@@ -102,6 +102,59 @@ def test_verify_names_each_kind_of_tampering(any_cli, statements, expected):
     assert "fails verification" in result.stderr and "Traceback" not in result.stderr
 
 
+def _rebuild_from(any_cli: Cli, slug: str, seq: int) -> None:
+    """Change entry ``seq`` and recompute every hash after it: a consistent forgery."""
+    platform, store = _store(any_cli, slug)
+    try:
+        with store.begin() as connection:
+            rows = [
+                dict(r)
+                for r in connection.execute(sa.select(audit).order_by(audit.c.seq)).mappings()
+            ]
+            statements = []
+            previous = audittrail.GENESIS
+            for row in rows:
+                if row["seq"] == seq:
+                    row["actor_name"] = "nobody"
+                row["prev_hash"] = previous
+                row["hash"] = previous = audittrail.entry_hash(row, previous)
+                statements.append(
+                    audit.update()
+                    .where(audit.c.seq == row["seq"])
+                    .values(
+                        actor_name=row["actor_name"], prev_hash=row["prev_hash"], hash=row["hash"]
+                    )
+                )
+            statements.append(audit_head.update().values(hash=previous))
+    finally:
+        platform.close()
+    _tamper(any_cli, slug, *statements)
+
+
+def test_an_anchor_catches_a_rebuilt_chain(any_cli):
+    any_cli.create("acme")
+    _fill(any_cli, "acme", 3)
+    printed = any_cli("audit", "verify", "--tenant", "acme").stdout
+    anchor = printed.split("--anchor ")[1].strip()
+    assert anchor.startswith("4:") and len(anchor) == 66
+    _rebuild_from(any_cli, "acme", 2)
+    any_cli("audit", "verify", "--tenant", "acme")  # consistent in itself
+    result = any_cli("audit", "verify", "--tenant", "acme", "--anchor", anchor, code=1)
+    assert "[changed] seq 4:" in result.stdout and "rebuilt" in result.stdout
+    gone = "9:" + "a" * 64
+    result = any_cli("audit", "verify", "--tenant", "acme", "--anchor", gone, code=1)
+    assert "[missing] seq 9:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "anchor", ["4", "x:" + "a" * 64, "4:" + "A" * 64, "4:abc", "-1:" + "a" * 64]
+)
+def test_a_malformed_anchor_is_refused(any_cli, anchor):
+    any_cli.create("acme")
+    result = any_cli("audit", "verify", "--tenant", "acme", "--anchor", anchor, code=1)
+    assert "--anchor must be SEQ:HASH" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_verify_of_an_unknown_tenant_fails_clearly(any_cli):
     result = any_cli("audit", "verify", "--tenant", "ghost", code=1)
     assert "there is no tenant 'ghost'" in result.stderr
