@@ -61,7 +61,7 @@ from metacrm.metadata.model import Bundle
 from metacrm.metadata.tables import build_tables
 from metacrm.runtime import settings, tenancy
 from metacrm.runtime.platform import Platform
-from metacrm.runtime.store import PLATFORM
+from metacrm.runtime.store import PLATFORM, audit_guard_ddl
 
 TARGET_P95_MS = 100.0
 WARMUP_TENANTS = 3
@@ -79,7 +79,9 @@ def core_ddl(dialect: sa.engine.Dialect, trigram_schema: str | None = None) -> l
     """Return the DDL of a core tenant's tables, indexes and search indexes, compiled once.
 
     Tables and indexes are ``build_tables`` of the core bundle plus the platform's
-    own tables. On PostgreSQL every name is qualified with a placeholder schema
+    own tables, and the triggers that keep ``_audit`` append-only (objects every
+    tenant has; the audit chain's head row is data and left out, as the version
+    row is). On PostgreSQL every name is qualified with a placeholder schema
     that the floor replaces per tenant (metacrm names schemas in SQL too).
     """
     bundle = Bundle.from_doc(tenancy.template_bundle("core"))
@@ -96,6 +98,10 @@ def core_ddl(dialect: sa.engine.Dialect, trigram_schema: str | None = None) -> l
                 render_schema_translate=translate is not None,
             )
             statements.append(str(compiled).strip())
+    schema = SCHEMA_PLACEHOLDER if dialect.name == "postgresql" else None
+    statements.extend(
+        s for s in audit_guard_ddl(dialect.name, schema) if not s.startswith("INSERT")
+    )
     if dialect.name == "postgresql":
         if trigram_schema:
             statements.extend(trigram_ddl(bundle, trigram_schema))
@@ -447,13 +453,18 @@ def run_repetition(
 
 
 def _pg_objects(url: str, schema: str) -> frozenset[str]:
-    """Return the tables, indexes and sequences in one schema, by kind and name."""
+    """Return the tables, indexes, sequences, triggers and functions in one schema."""
     with psycopg.connect(libpq_url(url), autocommit=True) as connection:
         rows = connection.execute(
             "SELECT c.relkind::text || ' ' || c.relname FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relkind IN ('r', 'i', 'S')",
-            (schema,),
+            "WHERE n.nspname = %(s)s AND c.relkind IN ('r', 'i', 'S') "
+            "UNION ALL SELECT 'trigger ' || t.tgname FROM pg_trigger t "
+            "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %(s)s AND NOT t.tgisinternal "
+            "UNION ALL SELECT 'function ' || p.proname FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %(s)s",
+            {"s": schema},
         ).fetchall()
     return frozenset(row[0] for row in rows)
 
