@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +96,10 @@ _VALUE_KINDS: dict[ValueType, type] = {
 _SQLITE_TOO_COMPLEX = ("parser stack overflow", "too many", "too large", "too deep")
 _PG_TOO_COMPLEX = "stack depth limit exceeded"
 _PG_QUERY_CANCELED = "57014"
+
+
+#: The caller's read condition on another entity (``false()`` when it may not read it).
+EmbedScope = Callable[[EntityModel], ColumnElement[bool] | None]
 
 
 class QueryError(ValueError):
@@ -167,9 +171,16 @@ def list_records(
     ctx: EvalContext,
     secret: bytes,
     scope: ColumnElement[bool] | None = None,
+    *,
+    embed_scope: EmbedScope | None = None,
 ) -> Page:
-    """Return one page of an entity's records as JSON; QueryError when the request is wrong."""
-    return _list(connection, model, entity, request, ctx, secret, scope, None, None)
+    """Return one page of an entity's records as JSON; QueryError when the request is wrong.
+
+    ``scope`` is the caller's row-level condition on the entity (in the WHERE
+    clause); ``embed_scope`` gives it for the targets of ``include=``, so an
+    embedded record the caller may not read is ``null`` like a missing one.
+    """
+    return _list(connection, model, entity, request, ctx, secret, scope, None, None, embed_scope)
 
 
 def count_records(
@@ -236,6 +247,7 @@ def related_records(
     scope: ColumnElement[bool] | None = None,
     *,
     via: str | None = None,
+    embed_scope: EmbedScope | None = None,
 ) -> Page:
     """Return a page of ``source`` records that point at one record of ``target_entity``.
 
@@ -287,7 +299,7 @@ def related_records(
         )
     relation = points[0] if len(points) == 1 else sa.or_(*points)
     key = f"related:{target_entity.name}:{record_id}:{via or ''}"
-    return _list(connection, model, source, request, ctx, secret, scope, relation, key)
+    return _list(connection, model, source, request, ctx, secret, scope, relation, key, embed_scope)
 
 
 # -- the WHERE clause ---------------------------------------------------------------------
@@ -568,6 +580,7 @@ def _list(
     scope: ColumnElement[bool] | None,
     extra: ColumnElement[bool] | None,
     extra_key: str | None,
+    embed_scope: EmbedScope | None = None,
 ) -> Page:
     limit = request.limit
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
@@ -621,7 +634,7 @@ def _list(
     items = rows_to_json(entity, names, rows)
     attach_relations(connection, _with_links(entity, fields), items)
     for name in includes:
-        _include(connection, model, entity, name, items, ctx)
+        _include(connection, model, entity, name, items, ctx, embed_scope)
     next_cursor = None
     if more and rows:
         last = rows[-1]
@@ -715,6 +728,7 @@ def _include(
     name: str,
     items: list[dict[str, Any]],
     ctx: EvalContext,
+    embed_scope: EmbedScope | None = None,
 ) -> None:
     """Embed the targets of one lookup field under ``_included``: one query for the page."""
     f = entity.field(name)
@@ -728,6 +742,9 @@ def _include(
         query = sa.select(*select_columns(model, target, ctx)).where(
             table.c.id.in_([uuid.UUID(i) for i in ids]), table.c.deleted_at.is_(None)
         )
+        condition = embed_scope(target) if embed_scope is not None else None
+        if condition is not None:
+            query = query.where(condition)
         records = [to_json(target, row) for row in connection.execute(query).mappings()]
         attach_relations(connection, target, records)
         found = {record["id"]: record for record in records}

@@ -242,12 +242,16 @@ def _screen(
         if name not in SYSTEM_FIELDS and (name in rules.hidden or c.entity.field(name) is None):
             close = difflib.get_close_matches(str(name), visible, 1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            errors.append({"pointer": at, "message": f"is not a field of '{c.entity.name}'{hint}"})
+            errors.append({"pointer": at, "message": f"{_UNKNOWN_FIELD}'{c.entity.name}'{hint}"})
         elif name in rules.read_only:
             errors.append({"pointer": at, "message": "is read-only for your role"})
         else:
             kept[name] = value
     return kept, errors
+
+
+#: How a payload's unknown field is refused (recordschema words it the same way).
+_UNKNOWN_FIELD = "is not a field of "
 
 
 def _pointer_token(name: object) -> str:
@@ -289,6 +293,9 @@ def _refused(c: _Context, errors: list[dict[str, str]]) -> RecordInvalid:
         parts = error["pointer"].split("/")
         named = [p for p in parts[1:] if not p.isdigit()]
         text = error["message"]
+        if text.startswith(_UNKNOWN_FIELD):
+            shown.append(error)  # already worded as for a field that does not exist
+            continue
         if (named and named[0] in hidden) or any(
             name in text.replace("'", " ").replace(".", " ").split() for name in hidden
         ):

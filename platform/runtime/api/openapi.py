@@ -22,7 +22,7 @@ from metacrm.metadata import fieldtypes
 from metacrm.metadata.model import FieldDef
 from metacrm.runtime import query, search
 from metacrm.runtime.api import idempotency, records, reference
-from metacrm.runtime.api.context import platform, resolve
+from metacrm.runtime.api.context import access, platform, resolve
 from metacrm.runtime.model import EntityModel, TenantModel
 from metacrm.runtime.query import INCLUDED
 from metacrm.runtime.recordschema import COMPUTED_TYPES, MAX_RELATION_ITEMS
@@ -932,10 +932,12 @@ def document(model: TenantModel, slug: str, tenant_name: str) -> dict[str, Any]:
 
 
 def _current_document(tenant: str) -> dict[str, Any]:
+    """The caller's document: only the entities it may read, without its hidden fields."""
     context = resolve(tenant)
     with context.store.connect() as connection:
         model = platform().models.current(context.store, connection)
-    return document(model, context.tenant.slug, context.tenant.name)
+    view = access(context, model).view(model, readable_only=True)
+    return document(view, context.tenant.slug, context.tenant.name)
 
 
 @bp.get("/openapi.json")

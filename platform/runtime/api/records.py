@@ -16,8 +16,9 @@ Choices a client can rely on (the OpenAPI document says the same):
 
 Problem codes: ``bad_request``, ``malformed_json``, ``invalid_query`` (with the query
 module's code as ``query_code``), ``invalid_if_match``, ``invalid_idempotency_key``
-(400); ``unauthorized`` (401); ``forbidden`` (403, read-only token); ``not_found``
-(404); ``not_in_recycle_bin``, ``still_referenced`` (409); ``version_mismatch`` (412,
+(400); ``unauthorized`` (401); ``forbidden`` (403: the caller's roles or token do not
+allow the action on the entity at all); ``not_found`` (404, also for a record outside the
+caller's scope); ``not_in_recycle_bin``, ``still_referenced`` (409); ``version_mismatch`` (412,
 with ``current_version``); ``payload_too_large`` (413); ``unsupported_media_type``
 (415); ``validation_failed``, ``idempotency_key_reused`` (422);
 ``precondition_required`` (428); ``busy`` (503, with Retry-After).
@@ -41,9 +42,9 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy.engine import Connection
 
 from metacrm.metadata.expression import EvalContext
-from metacrm.runtime import query, records
+from metacrm.runtime import authz, query, records
 from metacrm.runtime.api import idempotency
-from metacrm.runtime.api.context import RequestContext, platform, resolve
+from metacrm.runtime.api.context import RequestContext, access, platform, resolve
 from metacrm.runtime.api.problem import ProblemError, abort, read_json
 from metacrm.runtime.model import EntityModel, TenantModel
 from metacrm.runtime.records import Caller
@@ -100,8 +101,23 @@ def _record_id(value: str) -> uuid.UUID:
     return uuid.UUID(value)
 
 
-def _caller(context: RequestContext) -> Caller:
-    return Caller(context.principal.user.id, context.principal.user.email)
+def _caller(context: RequestContext, allowed: authz.Access) -> Caller:
+    principal = context.principal
+    return Caller(principal.user.id, principal.user.email, principal.membership.team_id, allowed)
+
+
+def _forbidden(exc: authz.Forbidden) -> NoReturn:
+    abort(403, "forbidden", "Forbidden", str(exc))
+
+
+def _allowed(context: RequestContext, model: TenantModel, entity: str, action: str) -> authz.Access:
+    """Return the caller's access after checking that ``action`` on ``entity`` is allowed at all."""
+    found = access(context, model)
+    try:
+        found.require(entity, action)
+    except authz.Forbidden as exc:
+        _forbidden(exc)
+    return found
 
 
 def _eval_context(model: TenantModel, context: RequestContext) -> EvalContext:
@@ -308,13 +324,14 @@ def _expected_version(
     record_id: uuid.UUID,
     ctx: EvalContext,
     condition: IfMatch | None,
+    scope: sa.ColumnElement[bool] | None = None,
 ) -> int | None:
     """Return the version the write must find, or raise VersionMismatch at once."""
     if condition is None or condition.any:
         return None
     if len(condition.versions) == 1:
         return next(iter(condition.versions))
-    current = records.get(connection, model, entity, record_id, ctx)["version"]
+    current = records.get(connection, model, entity, record_id, ctx, scope=scope)["version"]
     if current not in condition.versions:
         raise records.VersionMismatch(current)
     return current
@@ -358,6 +375,8 @@ def _refusals(pointer: Callable[[str], str] = lambda p: p) -> Iterator[None]:
         _invalid([{**e, "pointer": pointer(e["pointer"])} for e in exc.errors])
     except records.RecordNotFound as exc:
         abort(404, "not_found", "Not Found", str(exc))
+    except authz.Forbidden as exc:
+        _forbidden(exc)
     except records.VersionMismatch as exc:
         abort(
             412,
@@ -383,22 +402,40 @@ def _refusals(pointer: Callable[[str], str] = lambda p: p) -> Iterator[None]:
 
 @dataclass
 class Read:
-    """What a read needs: a connection, the model, the entity and the evaluation context."""
+    """What a read needs: a connection, the model, the entity and the evaluation context.
+
+    ``model`` and ``entity`` are as the caller sees them (fields hidden from it taken
+    out); ``scope`` is the caller's row condition for the request's action, which
+    every statement of the request puts in its WHERE clause.
+    """
 
     context: RequestContext
     connection: Connection
     model: TenantModel
     entity: EntityModel
     ctx: EvalContext
+    access: authz.Access
+    scope: sa.ColumnElement[bool] | None
 
 
 @contextmanager
-def _reading(tenant: str, entity_name: str) -> Iterator[Read]:
+def _reading(tenant: str, entity_name: str, action: str = "read") -> Iterator[Read]:
     context = _context(tenant)
     with context.store.connect() as connection, _refusals():
         model = platform().models.current(context.store, connection)
         entity = _entity(model, entity_name)
-        yield Read(context, connection, model, entity, _eval_context(model, context))
+        allowed = _allowed(context, model, entity.name, action)
+        view = allowed.view(model)
+        shown = view.entities[entity.name]
+        yield Read(
+            context,
+            connection,
+            view,
+            shown,
+            _eval_context(model, context),
+            allowed,
+            allowed.where(shown, action),
+        )
 
 
 @dataclass
@@ -417,14 +454,21 @@ def _write(
     action: Callable[[Write], Answer],
     pointer: Callable[[str], str] = lambda p: p,
     replayable: bool = False,
+    permission: str = "update",
 ) -> Response:
-    """Run one write in one transaction, with Idempotency-Key when ``replayable``."""
+    """Run one write in one transaction, with Idempotency-Key when ``replayable``.
+
+    ``permission`` is the action the caller needs on the entity: refused with 403
+    before anything is written; its scope is the WHERE condition of the write.
+    """
     context = _context(tenant, write=True)
     key = idempotency.requested_key() if replayable else None
     try:
         with context.store.begin(immediate=True) as connection:
             model = platform().models.current(context.store, connection)
             entity = _entity(model, entity_name)
+            allowed = _allowed(context, model, entity.name, permission)
+            scope = allowed.where(entity, permission)
             ctx = _eval_context(model, context)
             claim = None
             if key is not None:
@@ -434,7 +478,16 @@ def _write(
                 claim = claimed
             with _refusals(pointer):
                 status, body, headers = action(
-                    Write(context, connection, model, entity, ctx, _caller(context))
+                    Write(
+                        context,
+                        connection,
+                        model,
+                        entity,
+                        ctx,
+                        allowed,
+                        scope,
+                        _caller(context, allowed),
+                    )
                 )
             if claim is not None:
                 idempotency.remember(connection, claim, status, body, headers)
@@ -510,7 +563,14 @@ def list_records(tenant: str, entity: str) -> Response:
     list_request = _list_request()
     with _reading(tenant, entity) as r:
         page = query.list_records(
-            r.connection, r.model, r.entity, list_request, r.ctx, _cursor_secret(r.context)
+            r.connection,
+            r.model,
+            r.entity,
+            list_request,
+            r.ctx,
+            _cursor_secret(r.context),
+            r.scope,
+            embed_scope=r.access.scope_of,
         )
     return jsonify(_page_body(page))
 
@@ -535,6 +595,7 @@ def count_records(tenant: str, entity: str) -> Response:
             threshold=COUNT_THRESHOLD,
             q=search,
             deleted=deleted,
+            scope=r.scope,
         )
     return jsonify({"count": count, "exact": is_exact})
 
@@ -547,7 +608,9 @@ def get_record(tenant: str, entity: str, record_id: str) -> Response:
     _only("deleted")
     deleted = _flag("deleted")
     with _reading(tenant, entity) as r:
-        record = records.get(r.connection, r.model, r.entity, key, r.ctx, deleted=deleted)
+        record = records.get(
+            r.connection, r.model, r.entity, key, r.ctx, deleted=deleted, scope=r.scope
+        )
     return _record_response(record)
 
 
@@ -560,9 +623,10 @@ def related_records(tenant: str, entity: str, record_id: str, other: str) -> Res
     with _reading(tenant, entity) as r:
         via = _entity(r.model, other)
         table = r.entity.table
-        live = r.connection.execute(
-            sa.select(table.c.id).where(table.c.id == key, table.c.deleted_at.is_(None))
-        ).first()
+        found = sa.select(table.c.id).where(table.c.id == key, table.c.deleted_at.is_(None))
+        if r.scope is not None:
+            found = found.where(r.scope)
+        live = r.connection.execute(found).first()
         if live is None:
             abort(404, "not_found", "Not Found", f"no live {r.entity.name} record with id {key}")
         try:
@@ -575,6 +639,8 @@ def related_records(tenant: str, entity: str, record_id: str, other: str) -> Res
                 list_request,
                 r.ctx,
                 _cursor_secret(r.context),
+                r.access.where(via, "read"),
+                embed_scope=r.access.scope_of,
             )
         except query.QueryError as exc:
             if exc.code != "not_related":
@@ -600,7 +666,7 @@ def create_record(tenant: str, entity: str) -> Response:
         }
         return 201, record, headers
 
-    return _write(tenant, entity, action, replayable=True)
+    return _write(tenant, entity, action, replayable=True, permission="create")
 
 
 @bp.patch("/<entity>/<record_id>")
@@ -613,9 +679,19 @@ def update_record(tenant: str, entity: str, record_id: str) -> Response:
 
     def action(w: Write) -> Answer:
         _require_if_match(w.model, condition)
-        expected = _expected_version(w.connection, w.model, w.entity, key, w.ctx, condition)
+        expected = _expected_version(
+            w.connection, w.model, w.entity, key, w.ctx, condition, w.scope
+        )
         record = records.update(
-            w.connection, w.model, w.entity, key, body, w.caller, platform().cipher, expected
+            w.connection,
+            w.model,
+            w.entity,
+            key,
+            body,
+            w.caller,
+            platform().cipher,
+            expected,
+            scope=w.scope,
         )
         return 200, record, {"ETag": _etag(record)}
 
@@ -630,11 +706,15 @@ def delete_record(tenant: str, entity: str, record_id: str) -> Response:
     condition = _if_match()
 
     def action(w: Write) -> Answer:
-        expected = _expected_version(w.connection, w.model, w.entity, key, w.ctx, condition)
-        records.delete_many(w.connection, w.model, w.entity, [(key, expected)], w.caller)
+        expected = _expected_version(
+            w.connection, w.model, w.entity, key, w.ctx, condition, w.scope
+        )
+        records.delete_many(
+            w.connection, w.model, w.entity, [(key, expected)], w.caller, scope=w.scope
+        )
         return 204, None, {}
 
-    return _write(tenant, entity, action)
+    return _write(tenant, entity, action, permission="delete")
 
 
 @bp.post("/<entity>/<record_id>/restore")
@@ -644,10 +724,10 @@ def restore_record(tenant: str, entity: str, record_id: str) -> Response:
     key = _record_id(record_id)
 
     def action(w: Write) -> Answer:
-        record = records.restore(w.connection, w.model, w.entity, key, w.caller)
+        record = records.restore(w.connection, w.model, w.entity, key, w.caller, scope=w.scope)
         return 200, record, {"ETag": _etag(record)}
 
-    return _write(tenant, entity, action, replayable=True)
+    return _write(tenant, entity, action, replayable=True, permission="delete")
 
 
 @bp.delete("/<entity>/<record_id>/purge")
@@ -658,9 +738,10 @@ def purge_record(tenant: str, entity: str, record_id: str) -> Response:
 
     def action(w: Write) -> Answer:
         table = w.entity.table
-        live = w.connection.execute(
-            sa.select(table.c.id).where(table.c.id == key, table.c.deleted_at.is_(None))
-        ).first()
+        found = sa.select(table.c.id).where(table.c.id == key, table.c.deleted_at.is_(None))
+        if w.scope is not None:
+            found = found.where(w.scope)
+        live = w.connection.execute(found).first()
         if live is not None:
             abort(
                 409,
@@ -669,7 +750,7 @@ def purge_record(tenant: str, entity: str, record_id: str) -> Response:
                 "delete the record first; only records in the recycle bin can be purged",
             )
         try:
-            records.purge(w.connection, w.model, w.entity, key, w.caller)
+            records.purge(w.connection, w.model, w.entity, key, w.caller, scope=w.scope)
         except records.RecordInvalid as exc:
             abort(
                 409,
@@ -679,7 +760,7 @@ def purge_record(tenant: str, entity: str, record_id: str) -> Response:
             )
         return 204, None, {}
 
-    return _write(tenant, entity, action)
+    return _write(tenant, entity, action, permission="delete")
 
 
 # -- bulk ------------------------------------------------------------------------------------
@@ -697,7 +778,9 @@ def bulk_create(tenant: str, entity: str) -> Response:
         )
         return 201, {"items": created}, {}
 
-    return _write(tenant, entity, action, pointer=_item_pointer(), replayable=True)
+    return _write(
+        tenant, entity, action, pointer=_item_pointer(), replayable=True, permission="create"
+    )
 
 
 def _bulk_patch_items(items: list[Any]) -> list[tuple[uuid.UUID, dict[str, Any], int | None]]:
@@ -745,12 +828,13 @@ def _bulk_patch_items(items: list[Any]) -> list[tuple[uuid.UUID, dict[str, Any],
 
 def _live_versions(w: Write, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
     table = w.entity.table
-    found = w.connection.execute(
-        sa.select(table.c.id, table.c.version).where(
-            table.c.id.in_(ids), table.c.deleted_at.is_(None)
-        )
+    statement = sa.select(table.c.id, table.c.version).where(
+        table.c.id.in_(ids), table.c.deleted_at.is_(None)
     )
-    return {row.id: row.version for row in found}
+    if w.scope is not None:
+        # Records outside the caller's scope are "no live record", exactly like missing ones.
+        statement = statement.where(w.scope)
+    return {row.id: row.version for row in w.connection.execute(statement)}
 
 
 @bp.patch("/<entity>/bulk")
@@ -800,7 +884,14 @@ def bulk_update(tenant: str, entity: str) -> Response:
                 errors=stale,
             )
         updated = records.update_many(
-            w.connection, w.model, w.entity, items, w.caller, platform().cipher, bulk=True
+            w.connection,
+            w.model,
+            w.entity,
+            items,
+            w.caller,
+            platform().cipher,
+            bulk=True,
+            scope=w.scope,
         )
         return 200, {"items": updated}, {}
 
@@ -839,7 +930,9 @@ def bulk_delete(tenant: str, entity: str) -> Response:
         ]
         if gone:
             _invalid(gone)
-        records.delete_many(w.connection, w.model, w.entity, [(i, None) for i in ids], w.caller)
+        records.delete_many(
+            w.connection, w.model, w.entity, [(i, None) for i in ids], w.caller, scope=w.scope
+        )
         return 204, None, {}
 
-    return _write(tenant, entity, action, replayable=True)
+    return _write(tenant, entity, action, replayable=True, permission="delete")
