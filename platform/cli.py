@@ -845,7 +845,10 @@ def _when(value: str | None, option: str) -> Any:
         _fail(f"{option} must be an ISO 8601 date-time such as 2026-01-31T09:00:00Z")
     if moment.tzinfo is None:
         _fail(f"{option} must carry a time zone (Z or +08:00)")
-    return moment
+    try:
+        return moment.astimezone(dt.UTC)
+    except OverflowError:
+        _fail(f"{option} is out of range")
 
 
 @audit.command("export")

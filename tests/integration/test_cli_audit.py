@@ -192,6 +192,7 @@ def test_export_filters_and_bad_options(any_cli, tmp_path: Path):
     for option, value, message in [
         ("--since", "yesterday", "--since must be an ISO 8601"),
         ("--until", "2026-01-01T00:00:00", "--until must carry a time zone"),
+        ("--since", "0001-01-01T00:00:00+08:00", "--since is out of range"),
     ]:
         result = any_cli("audit", "export", "--tenant", "acme", option, value, str(target), code=1)
         assert message in result.stderr

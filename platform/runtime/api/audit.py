@@ -140,7 +140,10 @@ def _moment(name: str) -> dt.datetime | None:
         _invalid(name, "must be an ISO 8601 date-time such as 2026-01-31T09:00:00Z")
     if moment.tzinfo is None:
         _invalid(name, "must carry a time zone (Z or +08:00)")
-    return moment.astimezone(dt.UTC)
+    try:
+        return moment.astimezone(dt.UTC)
+    except OverflowError:  # 0001-01-01T00:00+08:00 has no UTC time
+        _invalid(name, "is out of range")
 
 
 @dataclass(frozen=True)

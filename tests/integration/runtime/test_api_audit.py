@@ -255,6 +255,8 @@ def test_without_a_token_or_from_another_tenant(world):
         ({"action": ["a"] * 21}, "/action"),
         ({"since": "yesterday"}, "/since"),
         ({"since": "2026-01-01T00:00:00"}, "/since"),
+        ({"since": "0001-01-01T00:00:00+08:00"}, "/since"),
+        ({"until": "9999-12-31T23:59:59-08:00"}, "/until"),
         ({"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "/until"),
         ({"cursor": "not-a-cursor"}, "/cursor"),
         ({"cursor": "x" * 9000}, "/cursor"),
