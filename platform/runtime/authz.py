@@ -158,7 +158,7 @@ class TenantPolicy:
         self._decisions: dict[tuple[frozenset[str], str, str], str | None] = {}
         self._fields: dict[tuple[frozenset[str], str], FieldRules] = {}
         self._closures: dict[frozenset[str], tuple[Mapping[str, Any], ...]] = {}
-        self._views: dict[tuple[int, frozenset[str]], tuple[TenantModel, TenantModel]] = {}
+        self._views: dict[tuple[int, frozenset[str], bool], tuple[TenantModel, TenantModel]] = {}
         self.enforcer = self._build()
 
     # -- the enforcer ---------------------------------------------------------------------
@@ -325,9 +325,15 @@ class TenantPolicy:
             self._fields[key] = result
         return result
 
-    def view(self, model: TenantModel, roles: frozenset[str]) -> TenantModel:
-        """Return ``model`` as the roles see it: hidden fields taken out (memoised)."""
-        key = (id(model), roles)
+    def view(
+        self, model: TenantModel, roles: frozenset[str], readable_only: bool = False
+    ) -> TenantModel:
+        """Return ``model`` as the roles see it: hidden fields taken out (memoised).
+
+        ``readable_only`` also leaves out the entities the roles may not read at
+        all (the OpenAPI document of a caller lists only what it can reach).
+        """
+        key = (id(model), roles, readable_only)
         found = self._views.get(key)
         if found is not None and found[0] is model:
             return found[1]
@@ -340,6 +346,8 @@ class TenantPolicy:
                 for name, e in model.entities.items()
             },
         )
+        if readable_only:
+            view = _readable(view, lambda name: self.scope(roles, name, "read") is not None)
         with self._lock:
             if len(self._views) > 256:
                 self._views.clear()
@@ -417,6 +425,12 @@ def _restricted_model(model: TenantModel, hidden: Mapping[str, frozenset[str]]) 
             links={n: t for n, t in entity.links.items() if n not in gone},
             formulas={n: f for n, f in entity.formulas.items() if n not in gone},
         )
+    return TenantModel(model.version, model.bundle, model.metadata, entities)
+
+
+def _readable(model: TenantModel, readable: Callable[[str], bool]) -> TenantModel:
+    """Return the model with only the entities ``readable`` accepts."""
+    entities = {name: e for name, e in model.entities.items() if readable(name)}
     return TenantModel(model.version, model.bundle, model.metadata, entities)
 
 
@@ -575,12 +589,16 @@ class Access:
         """Return the visible fields of ``entity`` the caller may not write."""
         return self.policy.field_rules(self.roles, entity, ()).read_only
 
-    def view(self, model: TenantModel) -> TenantModel:
-        """Return the tenant model with the fields hidden from the caller taken out."""
+    def view(self, model: TenantModel, readable_only: bool = False) -> TenantModel:
+        """Return the tenant model with the fields hidden from the caller taken out.
+
+        ``readable_only`` also leaves out the entities the caller may not read at all.
+        """
         if self.entities is None:
-            return self.policy.view(model, self.roles)
+            return self.policy.view(model, self.roles, readable_only)
         hidden = {name: self.field_rules(name, model).hidden for name in model.entities}
-        return _restricted_model(model, hidden)
+        view = _restricted_model(model, hidden)
+        return _readable(view, lambda name: self.allows(name, "read")) if readable_only else view
 
     # -- capabilities and owners ---------------------------------------------------------------
 
