@@ -33,6 +33,7 @@ _VIEW_PLANS: weakref.WeakKeyDictionary[EntityDef, dict[tuple[str, ...], tuple]] 
     weakref.WeakKeyDictionary()
 )
 _VIEW_PLANS_LOCK = threading.Lock()
+MAX_VIEW_PLANS = 256
 
 
 def _same(value: Any) -> Any:
@@ -185,7 +186,11 @@ def _view_plan(entity: EntityModel, keys: tuple[str, ...]) -> tuple:
             )
     found = tuple(plan)
     with _VIEW_PLANS_LOCK:
-        _VIEW_PLANS.setdefault(entity.entity, {})[keys] = found
+        plans = _VIEW_PLANS.setdefault(entity.entity, {})
+        if len(plans) >= MAX_VIEW_PLANS:
+            # ``fields=`` can name many column sets; keep memory bounded, not every set.
+            plans.clear()
+        plans[keys] = found
     return found
 
 

@@ -237,3 +237,17 @@ def test_bulk_create_with_one_bad_item_stores_nothing(tenant):
     pointers = {e["pointer"] for e in info.value.errors}
     assert pointers == {"/1/amount", "/2/name"}
     assert _counts(tenant) == before
+
+
+def test_row_plans_stay_bounded_however_many_column_sets_are_asked(tenant):
+    platform, store = tenant
+    with store.connect() as connection:
+        m = platform.models.current(store, connection)
+    entity = m.entity("item")
+    names = ["id", "version", "name", "amount", "doubled", "third", "whole", "plain"]
+    for n in range(recordview.MAX_VIEW_PLANS * 2):
+        keys = [names[k] for k in range(len(names)) if n >> k & 1] or ["id"]
+        row = [None] * len(keys)
+        (record,) = recordview.rows_to_json(entity, keys, [row])
+        assert set(record) == set(keys)
+    assert len(recordview._VIEW_PLANS[entity.entity]) <= recordview.MAX_VIEW_PLANS
