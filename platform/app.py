@@ -11,6 +11,7 @@ from flask import Flask
 from metacrm.runtime import ratelimit
 from metacrm.runtime import settings as settings_module
 from metacrm.runtime.api import audit as audit_api
+from metacrm.runtime.api import export as export_api
 from metacrm.runtime.api import meta, openapi, problem, service
 from metacrm.runtime.api import notifications as notifications_api
 from metacrm.runtime.api import records as records_api
@@ -47,6 +48,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(service.bp)
     app.register_blueprint(meta.bp)
     app.register_blueprint(records_api.bp)
+    app.register_blueprint(export_api.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(users_api.bp)
     app.register_blueprint(tokens_api.bp)

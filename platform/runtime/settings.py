@@ -72,6 +72,7 @@ class Settings:
     login_lockout_minutes: int = 15
     login_rate_limit: str = "30 per minute"
     api_rate_limit: str = "1200 per minute"
+    mass_export_rows: int = 1000
 
     @property
     def embedded(self) -> bool:
@@ -228,6 +229,8 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
                 f"setting {key} from {sources.get(key)}: {getattr(settings, key)!r} is not a "
                 "rate such as '30 per minute' or '10/second'"
             )
+    if settings.mass_export_rows < 0:
+        raise SettingsError("setting mass_export_rows: must be 0 or more")
     if settings.max_request_bytes < 1024:
         raise SettingsError("setting max_request_bytes: must be at least 1024")
     if not settings.secret_key:

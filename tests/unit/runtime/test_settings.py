@@ -234,6 +234,12 @@ def test_too_small_max_request_bytes_is_refused(tmp_path):
     refused(tmp_path, "max_request_bytes", overrides={"max_request_bytes": 100})
 
 
+def test_mass_export_rows_defaults_to_1000_and_refuses_negatives(tmp_path):
+    assert load(tmp_path).mass_export_rows == 1000
+    assert load(tmp_path, environ={"METACRM_MASS_EXPORT_ROWS": "0"}).mass_export_rows == 0
+    refused(tmp_path, "mass_export_rows", environ={"METACRM_MASS_EXPORT_ROWS": "-1"})
+
+
 @pytest.mark.parametrize("env", ["staging", "Production", "dev", ""])
 def test_unknown_env_name_is_refused(tmp_path, env):
     refused(tmp_path, "env", "development", "production", environ={"METACRM_ENV": env})
