@@ -45,6 +45,10 @@ def make_settings(
     values: dict[str, object] = {
         "instance_dir": str(tmp_path / "instance"),
         "secret_key": "test-secret-key-0123456789",
+        # Every test client comes from 127.0.0.1; a module's many API calls must not
+        # meet the production rate limit (tests/integration/web/ tests the limits).
+        "api_rate_limit": "1000000 per minute",
+        "login_rate_limit": "1000000 per minute",
     }
     if backend == "postgresql":
         values["database_url"] = request.getfixturevalue("pg_url")
