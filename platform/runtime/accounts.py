@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from metacrm.metadata.identifiers import identifier_problem
-from metacrm.runtime import audittrail, metastore
+from metacrm.runtime import audittrail, metastore, sessions
 from metacrm.runtime.authz import capabilities
 from metacrm.runtime.control import (
     Invitation,
@@ -564,7 +564,7 @@ def open_reset(session: Session, link: Any) -> tuple[PasswordReset, User] | None
 
 
 def complete_password_reset(platform: Platform, link: Any, password: str) -> User:
-    """Spend a reset link: set the new password, end the user's other links and sessions."""
+    """Spend a reset link: set the new password, end the user's other links and login sessions."""
     with platform.session() as session:
         found = open_reset(session, link)
         if found is None:
@@ -587,6 +587,8 @@ def complete_password_reset(platform: Platform, link: Any, password: str) -> Use
                 "invalid_link", "this reset link is unknown, used or expired", "link"
             )
         user.password_hash = hash_password(password)
+        # A cookie taken before the reset must not outlive it.
+        sessions.revoke_all(session, user.id)
         return user
 
 
@@ -598,10 +600,12 @@ def deactivate(w: Work, user_id: uuid.UUID) -> Member:
     _keep_a_user_manager(w, member, roles=[])
     member.membership.is_active = False
     revoked = revoke_user_tokens(w.session, member.user.id, w.tenant.id)
+    # Sessions are per login, not per tenant: the person signs in again everywhere.
+    ended = sessions.revoke_all(w.session, member.user.id)
     w.audit(
         "user.deactivated",
         member.user.id,
-        detail={"email": member.user.email, "tokens_revoked": revoked},
+        detail={"email": member.user.email, "tokens_revoked": revoked, "sessions_ended": ended},
     )
     return member
 
