@@ -14,7 +14,17 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
 #: Endpoints whose POSTs count against the sign-in budget.
-LOGIN_ENDPOINTS = frozenset({"signin.login", "signin.login_mfa"})
+LOGIN_ENDPOINTS = frozenset(
+    {
+        "signin.login",
+        "signin.login_mfa",
+        # Password guesses and link guesses elsewhere: the operator console, account links.
+        "operator.login",
+        "account.forgot",
+        "account.invitation",
+        "account.reset",
+    }
+)
 
 
 def _is_api() -> bool:

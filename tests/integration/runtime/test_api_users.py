@@ -761,3 +761,31 @@ def test_a_password_reset_ends_the_login_sessions(app, platform, orgs, mailbox):
     assert done.status_code == 200
     assert browser.get(f"/t/{a.slug}/api/v1/tokens").status_code == 401
     assert sign_in(app, a.rep.email, fresh).get(f"/t/{a.slug}/api/v1/tokens").status_code == 200
+
+
+def test_operator_and_account_posts_share_the_sign_in_rate_limit(platform):
+    s = platform.settings
+    limited = create_app(
+        {
+            "instance_dir": str(s.instance_dir),
+            "secret_key": s.secret_key,
+            "database_url": s.database_url,
+            "tenant_schema_prefix": s.tenant_schema_prefix,
+            "login_rate_limit": "3 per minute",
+        }
+    )
+    try:
+        for path in ("/operator/login", "/account/reset", "/account/reset/x.y"):
+            client = limited.test_client()
+            page = "/account/reset" if path.startswith("/account/reset/") else path
+            token = csrf(client, page)
+            answers = [
+                client.post(
+                    path, data={"csrf_token": token, "email": "a@x.example", "password": "p"}
+                )
+                for _ in range(4)
+            ]
+            assert [a.status_code for a in answers][-1] == 429, path
+            assert answers[-1].json["code"] == "too_many_requests"
+    finally:
+        limited.extensions["metacrm"].close()
