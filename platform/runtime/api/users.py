@@ -18,11 +18,9 @@ from flask import Blueprint, Response, jsonify, request
 
 from metacrm.runtime import accounts, mail
 from metacrm.runtime.accounts import AccountError, Actor
-from metacrm.runtime.api.context import RequestContext, platform, resolve
+from metacrm.runtime.api.context import RequestContext, access, platform, resolve
 from metacrm.runtime.api.problem import abort, read_json
-from metacrm.runtime.authz import capabilities
 from metacrm.runtime.control import User
-from metacrm.runtime.store import TenantStore
 
 bp = Blueprint("users_api", __name__, url_prefix="/t/<tenant>/api/v1")
 
@@ -64,15 +62,20 @@ def refuse(error: AccountError) -> NoReturn:
 
 
 def _admin(tenant: str) -> RequestContext:
-    """Return the context of a caller allowed to manage this tenant's users, or 403."""
+    """Return the context of a caller allowed to manage this tenant's users, or 403.
+
+    The capability is asked of the permission core (``authz.Access``), the one
+    path every other check takes too.
+    """
     context = resolve(tenant)
     principal = context.principal
     if principal.read_only:
         abort(403, "forbidden", "Forbidden", "this API token is read-only")
     if principal.token is not None and principal.token.entities is not None:
         abort(403, "forbidden", "Forbidden", "this API token is limited to some entities")
-    bundle = _bundle(context.store)
-    if accounts.MANAGE_USERS not in capabilities(bundle, principal.membership.roles):
+    with context.store.connect() as connection:
+        model = platform().models.current(context.store, connection)
+    if not access(context, model).can(accounts.MANAGE_USERS):
         abort(
             403,
             "forbidden",
@@ -80,13 +83,6 @@ def _admin(tenant: str) -> RequestContext:
             "managing users needs a role with the manage_users capability",
         )
     return context
-
-
-def _bundle(store: TenantStore) -> dict[str, Any]:
-    from metacrm.runtime import metastore
-
-    with store.connect() as connection:
-        return metastore.current(connection).bundle
 
 
 def _actor(context: RequestContext) -> Actor:
