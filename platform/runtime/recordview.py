@@ -64,6 +64,10 @@ _CONVERTERS: dict[type, Callable[[Any], Any]] = {
 }
 
 
+_FLOAT_DIGITS = 15
+_FLOAT_CONTEXT = decimal.Context(prec=_FLOAT_DIGITS)
+
+
 def _decimal_formula(scale: int | None) -> Callable[[Any], str | None]:
     """Return how a decimal formula's value is shown: the same text on every database.
 
@@ -76,7 +80,18 @@ def _decimal_formula(scale: int | None) -> Callable[[Any], str | None]:
     def show(value: Any) -> str | None:
         if value is None:
             return None
-        number = value if isinstance(value, decimal.Decimal) else decimal.Decimal(repr(value))
+        try:
+            if isinstance(value, decimal.Decimal):
+                number = value
+            elif isinstance(value, float):
+                number = decimal.Decimal(repr(value))
+                if len(number.as_tuple().digits) > _FLOAT_DIGITS:
+                    # Binary noise (0.30000000000000004): a double holds 15 exact digits.
+                    number = _FLOAT_CONTEXT.plus(number).normalize()
+            else:
+                number = decimal.Decimal(str(value))
+        except decimal.InvalidOperation:
+            return str(value)
         if not number.is_finite():
             return None
         if quantum is not None:

@@ -251,3 +251,22 @@ def test_row_plans_stay_bounded_however_many_column_sets_are_asked(tenant):
         (record,) = recordview.rows_to_json(entity, keys, [row])
         assert set(record) == set(keys)
     assert len(recordview._VIEW_PLANS[entity.entity]) <= recordview.MAX_VIEW_PLANS
+
+
+@pytest.mark.parametrize(
+    ("value", "scale", "shown"),
+    [
+        (0.1 * 3, None, "0.3"),  # SQLite's binary noise is not shown
+        (25.0, None, "25.0"),
+        (0.1 * 3, 2, "0.30"),
+        (2.5, 0, "3"),
+        (-2.5, 0, "-3"),
+        (decimal.Decimal("25.000"), 2, "25.00"),
+        (7, 2, "7.00"),
+        (None, 2, None),
+        (float("nan"), 2, None),
+        (float("inf"), None, None),
+    ],
+)
+def test_decimal_formula_values_are_shown_exactly_and_rounded(value, scale, shown):
+    assert recordview._decimal_formula(scale)(value) == shown
