@@ -633,6 +633,47 @@ def _entity_paths(model: TenantModel, entity: EntityModel) -> dict[str, Any]:
                 },
             }
         },
+        f"{base}/export": {
+            "get": {
+                "tags": [tag],
+                "operationId": f"export_{name}",
+                "summary": f"Export {label}",
+                "description": "Every record the caller may export (the `export` action's "
+                "scope), streamed as CSV or JSON Lines; audited. CSV cells that a spreadsheet "
+                "would run as formulas start with `'`.",
+                "parameters": [
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "description": "`csv` (default) or `jsonl` (one JSON object per line).",
+                        "schema": {"type": "string", "enum": ["csv", "jsonl"], "default": "csv"},
+                    },
+                    *(
+                        p
+                        for p in _list_parameters(model, entity)
+                        if p.get("name") in ("sort", "fields")
+                    ),
+                    _param("filter"),
+                    {
+                        "name": "bom",
+                        "in": "query",
+                        "description": "true: start the CSV with a UTF-8 byte order mark "
+                        "(Microsoft Excel needs it to read UTF-8).",
+                        "schema": {"type": "boolean", "default": False},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file, as an attachment.",
+                        "content": {
+                            "text/csv": {"schema": {"type": "string"}},
+                            "application/x-ndjson": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_problems(400, 401, 403, 404),
+                },
+            }
+        },
         one: {
             "parameters": [_param("id")],
             "get": {

@@ -460,3 +460,15 @@ def test_repeated_parameters_unknown_entities_and_strangers_are_refused(world: W
         "not_found",
     )
     assert world.state() == before
+
+
+def test_the_openapi_document_lists_the_export(world: World) -> None:
+    document = world.app.test_client().get(
+        f"/t/{world.tenant.slug}/api/v1/openapi.json",
+        headers={"Authorization": f"Bearer {world.tokens['manager']}"},
+    )
+    assert document.status_code == 200
+    operation = document.get_json()["paths"]["/records/customer/export"]["get"]
+    names = {p.get("name") for p in operation["parameters"]}
+    assert {"format", "sort", "fields", "bom"} <= names
+    assert "phone" not in json.dumps(operation)  # hidden from the manager, even in patterns
