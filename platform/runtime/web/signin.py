@@ -19,7 +19,7 @@ import secrets
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
+from flask import Blueprint, Response, redirect, render_template, request, url_for
 from flask_wtf.csrf import generate_csrf
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -76,6 +76,12 @@ def _message(title: str, message: str, status: int) -> Response:
     return _page("signin/message.html", status, title=title, message=message)
 
 
+def _not_found() -> Response:
+    """Answer a tenant that does not exist, or is not this session's, the same way."""
+    words = text.strings(text.language())
+    return _message(words["not_found_title"], words["not_found"], 404)
+
+
 def _field(name: str, limit: int) -> str | None:
     """Return a form field, or None when it is missing, too long or not plain text."""
     value = request.form.get(name)
@@ -91,18 +97,24 @@ def _ip() -> str | None:
 # -- audit and alerts ---------------------------------------------------------------------------
 
 
-def _audit(tenant: Tenant, action: str, user: User | None, **detail: Any) -> None:
-    """Append a sign-in event to a tenant's audit trail."""
-    store = platform().store(tenant)
-    with store.begin() as connection:
+def _append(
+    p: Platform, tenant: Tenant, action: str, user: User | None, ip: str | None, **detail: Any
+) -> None:
+    """Append a sign-in event to a tenant's audit trail (needs no request context)."""
+    with p.store(tenant).begin() as connection:
         audittrail.append(
             connection,
             action=action,
             actor_id=user.id if user else None,
             actor_name=user.email if user else None,
             detail=detail or None,
-            ip=_ip(),
+            ip=ip,
         )
+
+
+def _audit(tenant: Tenant, action: str, user: User | None, **detail: Any) -> None:
+    """Append a sign-in event of this request to a tenant's audit trail."""
+    _append(platform(), tenant, action, user, _ip(), **detail)
 
 
 def _member_tenants(p: Platform, user_id: Any) -> list[tuple[Tenant, Membership]]:
@@ -116,15 +128,31 @@ def _member_tenants(p: Platform, user_id: Any) -> list[tuple[Tenant, Membership]
     return [(row.Tenant, row.Membership) for row in rows]
 
 
-def _failed(user: User | None, factor: str, locked_now: bool) -> None:
-    """Record a failed attempt in the audit trail of each tenant the account belongs to."""
+def _failed(
+    response: BaseResponse, user: User | None, factor: str, locked_now: bool
+) -> BaseResponse:
+    """Record a failed attempt in the audit trail of each tenant the account belongs to.
+
+    The entries are written once the response has been sent: writing them
+    first would make a known email's refusal measurably slower than an
+    unknown one's, and the timing would tell which emails exist.
+    """
+    p, ip = platform(), _ip()
     if user is None:
-        log.info("failed sign-in for an unknown email from %s", _ip())
-        return
-    for tenant, _ in _member_tenants(platform(), user.id):
-        _audit(tenant, "login_failed", user, factor=factor)
-        if locked_now:
-            _audit(tenant, "lockout", user, factor=factor)
+        log.info("failed sign-in for an unknown email from %s", ip)
+        return response
+
+    def write() -> None:
+        try:
+            for tenant, _ in _member_tenants(p, user.id):
+                _append(p, tenant, "login_failed", user, ip, factor=factor)
+                if locked_now:
+                    _append(p, tenant, "lockout", user, ip, factor=factor)
+        except Exception:  # the response is gone; a lost entry must at least be logged
+            log.exception("could not audit a failed sign-in of %s", user.email)
+
+    response.call_on_close(write)
+    return response
 
 
 def _note_ip(user: User) -> bool:
@@ -206,8 +234,8 @@ def login() -> BaseResponse:
         if not ok and normal:
             locked_now = throttle.record_failure(session, normal, _ip(), policy)
     if not ok:
-        _failed(user if user is not None and user.is_active else None, "password", locked_now)
-        return _page("signin/login.html", 401, email=normal[:MAX_EMAIL], error="bad_login")
+        page = _page("signin/login.html", 401, email=normal[:MAX_EMAIL], error="bad_login")
+        return _failed(page, user if user and user.is_active else None, "password", locked_now)
     assert user is not None
     with p.session() as session:
         throttle.clear_account(session, normal)
@@ -258,11 +286,10 @@ def login_mfa() -> BaseResponse:
             assert row is not None
             _, secret = sessions.rotate(session, row, mfa_passed=True)
     if factor is None:
-        _failed(user, "mfa", locked_now)
         if locked_now:
             forget()
-            return redirect(url_for("signin.login"))
-        return _page("signin/mfa.html", 401, error="bad_code")
+            return _failed(redirect(url_for("signin.login")), user, "mfa", locked_now)
+        return _failed(_page("signin/mfa.html", 401, error="bad_code"), user, "mfa", locked_now)
     remember(secret)
     return redirect(url_for("signin.login_tenant"))
 
@@ -281,7 +308,7 @@ def login_tenant() -> BaseResponse:
         slug = _field("tenant", 63)
         chosen = next((t for t, _ in choices if t.slug == slug), None)
         if chosen is None:
-            abort(404)
+            return _not_found()
         return _choose(current, chosen)
     if len(choices) == 1 and current.tenant is None:
         return _choose(current, choices[0][0])
@@ -335,7 +362,7 @@ def _ready(tenant: str) -> SignedIn | BaseResponse:
         return _next_step(current)
     if current.tenant is None or current.tenant.slug != tenant:
         # Another tenant's pages look exactly like a tenant that does not exist.
-        abort(404)
+        return _not_found()
     if not current.security.allows(_ip()):
         words = text.strings(text.language())
         return _message(words["ip_refused_title"], words["ip_refused"], 403)

@@ -75,6 +75,8 @@ TEXT: dict[str, dict[str, str]] = {
         "form_expired": "The form expired or did not come from this site. Go back, reload "
         "the page and try again.",
         "signed_out": "You are signed out.",
+        "not_found_title": "Not found",
+        "not_found": "There is no such workspace, or you are not signed in to it.",
         "sessions_note": "Changing your password or two-step sign-in signs out every other "
         "browser.",
     },
@@ -134,6 +136,8 @@ TEXT: dict[str, dict[str, str]] = {
         "form_expired_title": "请重试",
         "form_expired": "表单已过期或并非来自本站。请返回、刷新页面后重试。",
         "signed_out": "您已退出登录。",
+        "not_found_title": "未找到",
+        "not_found": "没有这个工作区，或您未登录到该工作区。",
         "sessions_note": "修改密码或两步验证设置后，其他浏览器都会退出登录。",
     },
 }

@@ -116,7 +116,15 @@ def csrf(client: FlaskClient, path: str = "/login") -> str:
 def post(
     client: FlaskClient, path: str, form: dict[str, str], page: str = "/login"
 ) -> TestResponse:
-    return client.post(path, data={"csrf_token": csrf(client, page), **form})
+    """Post a form with the page's CSRF token, and finish the response as a server does.
+
+    Closing runs what the app deferred until the response was sent (the audit
+    entries of a failed sign-in), as werkzeug and gunicorn do after sending.
+    """
+    answer = client.post(path, data={"csrf_token": csrf(client, page), **form})
+    answer.get_data()
+    answer.close()
+    return answer
 
 
 def sign_in(client: FlaskClient, email: str, password: str = PASSWORD) -> TestResponse:
