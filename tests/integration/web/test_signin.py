@@ -220,7 +220,9 @@ def test_login_lands_on_tenant_with_hardened_cookie(world: World) -> None:
     page = final.get_data(as_text=True)
     assert final.request.path == f"/t/{world.a.slug}/"
     assert user.email in page and world.a.tenant.name in page
-    assert f"/t/{world.a.slug}/api/v1/reference" in page
+    assert f"/t/{world.a.slug}/api/v1/docs" in page
+    # The reference page itself opens with the login cookie.
+    assert client.get(f"/t/{world.a.slug}/api/v1/docs").status_code == 200
     assert api_get(client, world.a).status_code == 200
     assert "login" in audit_actions(world.a, user.email)
 
@@ -809,3 +811,57 @@ def test_pages_speak_chinese_when_asked(world: World) -> None:
     page = fresh.get("/login", headers={"Accept-Language": "zh-CN,zh;q=0.9"})
     assert 'lang="zh-CN"' in page.get_data(as_text=True)
     assert "Sign in" in fresh.get("/login?lang=fr").get_data(as_text=True)
+
+
+def test_deactivation_through_the_api_ends_sessions_at_once(world: World) -> None:
+    user = person(world, world.a)
+    client = browser(world)
+    sign_in(client, user.email)
+    client.get("/login/tenant")
+    assert open_sessions(world, user) == 1
+    answer = world.app.test_client().post(
+        f"/t/{world.a.slug}/api/v1/users/{user.id}/deactivate",
+        headers={"Authorization": f"Bearer {world.a.token}"},
+    )
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert open_sessions(world, user) == 0
+    assert api_get(client, world.a).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/account/security",
+        "/login/mfa",
+        "/login/tenant",
+    ],
+)
+def test_pages_need_a_session(world: World, path: str) -> None:
+    answer = browser(world).get(path)
+    assert answer.status_code == 302 and answer.headers["Location"].endswith("/login")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/account/security/mfa/start",
+        "/account/security/mfa/confirm",
+        "/account/security/mfa/disable",
+        "/account/security/password",
+    ],
+)
+def test_security_changes_need_a_finished_sign_in(world: World, path: str) -> None:
+    user = person(world, world.a)
+    client = browser(world)
+    anonymous = post(client, path, {"code": "123456", "password": PASSWORD})
+    assert anonymous.status_code == 302 and anonymous.headers["Location"].endswith("/login")
+    # Half signed in (password passed, second factor pending): no changes either.
+    sign_in(client, user.email)
+    client.get("/login/tenant")
+    enrol(world, client, user)
+    post(client, "/logout", {}, f"/t/{world.a.slug}/")
+    sign_in(client, user.email)
+    pending = post(client, path, {"code": "123456", "password": PASSWORD}, "/login/mfa")
+    assert pending.headers["Location"].endswith("/login/mfa")
+    with world.platform.session() as session:
+        assert mfa.enabled(session, user.id)
