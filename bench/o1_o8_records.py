@@ -1150,6 +1150,8 @@ def measure_backend(
             api(bed, report, ops, reps, seconds, args.wrk_seconds)
         if "o4" in ops:
             _check_api_offsets(bed, report)
+        if ops & {"o1", "o7"}:
+            request_breakdown(bed, report, 50 if args.quick else 500)
         if "o14" in ops:
             storage(bed, report, args.rows)
         if "o8" in ops:
@@ -1157,6 +1159,101 @@ def measure_backend(
     finally:
         bed.raw.close()
         bed.platform.close()
+
+
+@contextlib.contextmanager
+def _timers(spent: dict[str, float]) -> Iterator[None]:
+    """Time the request path's parts in process, restoring every function afterwards.
+
+    Instrumentation only: the wrapped functions run unchanged, and the few
+    microseconds a wrapper costs land in the parts, not in "other".
+    """
+    from metacrm.runtime import model
+    from metacrm.runtime.api import context
+    from metacrm.runtime.api import records as api_records
+
+    wanted = (
+        (context, "authenticate", "authenticate the token (control database)"),
+        (context.Platform, "tenant", "find the tenant (control database)"),
+        (getattr(context, "sessions", None), "tenant_security", "tenant security settings"),
+        (context, "access", "permissions"),
+        (api_records, "access", "permissions"),
+        (model.ModelCache, "current", "published version check"),
+        (api_records.query, "list_records", "query layer: list (SQL, rows to JSON)"),
+        (api_records.records, "get", "record service: get"),
+        (api_records, "jsonify", "JSON serialisation (Flask)"),
+    )
+    # Parts another change renamed or removed are left out, not failed on.
+    parts = [(o, n, label) for o, n, label in wanted if o is not None and hasattr(o, n)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in parts]
+    clock = time.perf_counter
+
+    def timed(function: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + clock() - started
+
+        return call
+
+    try:
+        for (owner, name, label), (_, _, original) in zip(parts, originals, strict=True):
+            setattr(owner, name, timed(original, label))
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def request_breakdown(bed: Bed, report: Report, requests: int) -> None:
+    """Where an API request's time goes, in process (Flask test client, no server)."""
+    from metacrm.app import create_app
+
+    app = create_app(bed.overrides)
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {bed.tenant.token}"}
+    base = f"/t/{bed.tenant.slug}/api/v1/records/{ENTITY}"
+    with bed.store.connect() as connection:
+        some_id = connection.execute(
+            sa.select(bed.model().entity(ENTITY).table.c.id).limit(1)
+        ).scalar_one()
+    paths = {
+        "o1 list": f"{base}?filter={quote(LISTS[0].filter)}&sort={quote(LISTS[0].sort)}",
+        "o7 read": f"{base}/{some_id}",
+    }
+    rows: list[Row] = []
+    try:
+        for name, path in paths.items():
+            for _ in range(20):
+                client.get(path, headers=headers)
+            spent: dict[str, float] = {}
+            with _timers(spent):
+                started = time.perf_counter()
+                for _ in range(requests):
+                    answer = client.get(path, headers=headers)
+                    if answer.status_code != 200:
+                        raise RuntimeError(f"{path} answered {answer.status_code}")
+                total = time.perf_counter() - started
+            per = 1000 / requests
+            rows.append(Row(f"{name}: whole request", total * per, note=f"n={requests}"))
+            for label, seconds in spent.items():
+                rows.append(Row(f"{name}: {label}", seconds * per, note=f"{seconds / total:.0%}"))
+            other = total - sum(spent.values())
+            rows.append(
+                Row(
+                    f"{name}: other (Flask, routing, rate limiter, parsing, pool)",
+                    other * per,
+                    note=f"{other / total:.0%}",
+                )
+            )
+    finally:
+        app.extensions["metacrm"].close()
+    report.table(
+        f"Where an API request's time goes, {bed.backend} (in process, mean per request)",
+        rows,
+    )
 
 
 def _check_api_offsets(bed: Bed, report: Report) -> None:

@@ -129,6 +129,7 @@ def test_records_benchmark_matches_plans_never_offsets_and_logs_every_write(back
         f"== O14 storage, {backend}, 3,000 rows",
         f"== O8 bulk import of D4, {backend}",
         "O6: metacrm has no report API yet",
+        f"== Where an API request's time goes, {backend}",
     ):
         assert title in out
     rows = {row["label"]: row for section in record["sections"] for row in section["rows"]}
@@ -145,6 +146,11 @@ def test_records_benchmark_matches_plans_never_offsets_and_logs_every_write(back
     assert rows["rows created"]["value"] == 300
     assert rows["import rows/s"]["baseline"] > 0
     assert rows["bytes per record incl. indexes"]["baseline"] > 0
+    parts = [label for label in rows if label.startswith("o1 list: ")]
+    assert "o1 list: query layer: list (SQL, rows to JSON)" in parts
+    assert (
+        rows["o1 list: whole request"]["value"] > rows["o1 list: published version check"]["value"]
+    )
 
 
 WRK_OUTPUT = """Running 15s test @ http://127.0.0.1:8000/x
