@@ -726,6 +726,15 @@ def api(
         servers.Client(mine.port, auth) as client,
         servers.Client(floor.port) as floor_client,
     ):
+        same: dict[str, bool] = {}
+        for name, (path, floor_path) in paths.items():
+            # The floor must answer the same JSON, or it would be a floor for something else.
+            mine_body = json.loads(client.get(path)[1])
+            floor_body = json.loads(floor_client.get(floor_path)[1])
+            if "items" in mine_body:
+                mine_body = {"items": mine_body["items"]}
+                floor_body = {"items": floor_body["items"]}
+            same[name] = mine_body == floor_body
         points: dict[str, Callable[[], object]] = {}
         for name, (path, floor_path) in paths.items():
             points[f"{name} b1"] = floor_client.checked(floor_path)
@@ -744,6 +753,14 @@ def api(
         rows: list[Row] = []
         for name in paths:
             api_stats, b1_stats = stats[f"{name} api"], stats[f"{name} b1"]
+            rows.append(
+                Row(
+                    f"{name} B1 answers the same JSON",
+                    float(same[name]),
+                    "",
+                    target=Target.exactly(1),
+                )
+            )
             rows.append(
                 Row(
                     f"{name} p50 single client",

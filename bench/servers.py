@@ -93,7 +93,8 @@ def _sqlite_cell(kind: str, value: Any) -> Any:
     if kind == "uuid":
         return str(uuid.UUID(hex=value))
     if kind == "datetime":
-        return value.replace(" ", "T") + "Z"
+        # Parsed and printed as metacrm prints it (no fraction when it is zero).
+        return dt.datetime.fromisoformat(value).isoformat() + "Z"
     if kind == "decimal":
         return format(decimal.Decimal(str(value)).quantize(decimal.Decimal("0.01")), "f")
     return value

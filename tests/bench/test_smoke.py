@@ -143,6 +143,8 @@ def test_records_benchmark_matches_plans_never_offsets_and_logs_every_write(back
     assert "3 pages" in rows["API statements with OFFSET"]["note"]
     assert rows["o7 writes with one audit entry and one outbox event each"]["verdict"] == "PASS"
     assert rows["o1 p50 single client"]["baseline"] > 0
+    for name in ("o1", "o2", "o7 read"):
+        assert rows[f"{name} B1 answers the same JSON"]["verdict"] == "PASS"
     assert rows["rows created"]["value"] == 300
     assert rows["import rows/s"]["baseline"] > 0
     assert rows["bytes per record incl. indexes"]["baseline"] > 0
