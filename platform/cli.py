@@ -396,6 +396,24 @@ def user_deactivate(ctx: click.Context, slug: str, email: str) -> None:
     click.echo(f"Deactivated {member.user.email} in '{slug}'; their tokens are revoked.")
 
 
+@user.command("reset-mfa")
+@click.option("--email", required=True)
+@click.pass_context
+def user_reset_mfa(ctx: click.Context, email: str) -> None:
+    """Remove a login's second factor in every tenant and end its sessions (audited)."""
+    from metacrm.runtime import mfa
+
+    platform = _platform(ctx)
+    try:
+        slugs, ended = mfa.operator_reset(platform, email)
+    except mfa.MfaError as exc:
+        _fail(f"{exc}; nothing was changed")
+    click.echo(
+        f"Two-step sign-in of {email.strip().lower()} is off; {ended} session(s) ended; "
+        f"audited in {', '.join(slugs) or 'no tenant'}."
+    )
+
+
 @user.command("reactivate")
 @click.option("--tenant", "slug", required=True)
 @click.option("--email", required=True)

@@ -22,8 +22,11 @@ import segno
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from metacrm.runtime.control import RecoveryCode, UserMfa, utcnow
+from metacrm.runtime import audittrail
+from metacrm.runtime.control import Membership, RecoveryCode, Tenant, User, UserMfa, utcnow
 from metacrm.runtime.crypto import FieldCipher
+from metacrm.runtime.platform import Platform
+from metacrm.runtime.sessions import revoke_all
 
 ISSUER = "metacrm"
 STEP_SECONDS = 30
@@ -194,10 +197,12 @@ def verify(
 
 def disable(session: Session, user_id: uuid.UUID) -> bool:
     """Remove the user's second factor and recovery codes; tell whether one was on."""
-    was_on = enabled(session, user_id)
+    row = session.get(UserMfa, user_id)
+    was_on = row is not None and row.confirmed_at is not None
     session.execute(sa.delete(RecoveryCode).where(RecoveryCode.user_id == user_id))
-    session.execute(sa.delete(UserMfa).where(UserMfa.user_id == user_id))
-    session.expire_all()
+    if row is not None:
+        session.delete(row)  # through the session, so its identity map forgets the row too
+    session.flush()
     return was_on
 
 
@@ -205,3 +210,38 @@ def current_code(secret: str, at: dt.datetime | None = None) -> str:
     """Return the code an authenticator shows at ``at`` (tests and the browser test use it)."""
     moment = (at or utcnow()).timestamp()
     return pyotp.TOTP(secret).generate_otp(int(moment // STEP_SECONDS))
+
+
+def operator_reset(platform: Platform, email: str) -> tuple[list[str], int]:
+    """Remove a login's second factor for an operator; return its tenants and sessions ended.
+
+    For the person whose login is in several tenants, whom no single tenant's
+    admin may reset (``shared_identity``). Every tenant the login belongs to
+    gets an ``mfa_reset`` entry naming the operator's command as the actor.
+    """
+    normal = email.strip().lower() if isinstance(email, str) else ""
+    with platform.session() as session:
+        user = session.scalar(sa.select(User).where(User.email == normal))
+        if user is None:
+            raise MfaError("not_found", f"there is no login {email!r}")
+        if not enabled(session, user.id):
+            raise MfaError("mfa_not_enabled", f"{user.email} has no second factor")
+        tenants = session.scalars(
+            sa.select(Tenant)
+            .join(Membership, Membership.tenant_id == Tenant.id)
+            .where(Membership.user_id == user.id)
+            .order_by(Tenant.slug)
+        ).all()
+        disable(session, user.id)
+        ended = revoke_all(session, user.id)
+        user_id, user_email = user.id, user.email
+    for tenant in tenants:
+        with platform.store(tenant).begin() as connection:
+            audittrail.append(
+                connection,
+                action="mfa_reset",
+                actor_id=None,
+                actor_name="operator (metacrm user reset-mfa)",
+                detail={"user_id": str(user_id), "email": user_email, "sessions_ended": ended},
+            )
+    return [t.slug for t in tenants], ended

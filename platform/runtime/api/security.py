@@ -104,8 +104,8 @@ def reset_mfa(tenant: str, user_id: str) -> tuple[str, int]:
                 "shared_identity",
                 "The member's login is shared with other tenants",
                 "this login is also an active member of another tenant, whose sign-in its "
-                "second factor protects too; it can be reset only while it belongs to this "
-                "tenant alone (the member can still sign in with a recovery code)",
+                "second factor protects too; a platform operator resets it with "
+                "'metacrm user reset-mfa' (the member can still sign in with a recovery code)",
             )
         if not mfa.enabled(session, user.id):
             abort(409, "mfa_not_enabled", "Nothing to reset", "this member has no second factor")
