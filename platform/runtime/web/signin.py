@@ -491,6 +491,29 @@ def mfa_disable() -> BaseResponse:
     return _security_page(login, notice="mfa_disabled")
 
 
+@bp.route("/account/security/recovery", methods=["POST"])
+def recovery_codes() -> BaseResponse:
+    """Replace the recovery codes (password and a current code); show the new ones once."""
+    current = _security_login()
+    if not isinstance(current, SignedIn):
+        return current
+    if not current.mfa_enabled:
+        return _security_page(current, 409)
+    p = platform()
+    password = _field("password", MAX_PASSWORD) or ""
+    code = _field("code", MAX_CODE)
+    with p.session() as session:
+        user = session.get(User, current.user.id)
+        assert user is not None
+        good = passwords.verify_password(user.password_hash, password)
+        good = good and mfa.verify(session, p.cipher, user.id, code) is not None
+        codes = mfa.new_recovery_codes(session, user.id) if good else []
+    if not good:
+        return _security_page(current, 400, error="bad_code")
+    _audited(current, "mfa_recovery_codes_renewed")
+    return _page("signin/recovery.html", codes=codes, login=current)
+
+
 @bp.route("/account/security/password", methods=["POST"])
 def change_password() -> BaseResponse:
     """Change the password; every other session of the person ends."""

@@ -62,6 +62,8 @@ TEXT: dict[str, dict[str, str]] = {
         "mfa_disabled": "Two-step sign-in is off.",
         "mfa_still_required": "Your workspace requires two-step sign-in; it cannot be turned off.",
         "new_recovery": "New recovery codes",
+        "new_recovery_help": "Replace your recovery codes (the old ones stop working). "
+        "Confirm with your password and a current code.",
         "change_password": "Change password",
         "current_password": "Current password",
         "new_password": "New password",
@@ -124,6 +126,7 @@ TEXT: dict[str, dict[str, str]] = {
         "mfa_disabled": "两步验证已关闭。",
         "mfa_still_required": "您的工作区要求两步验证，无法关闭。",
         "new_recovery": "生成新的恢复码",
+        "new_recovery_help": "更换恢复码（旧恢复码将失效）。请输入密码和当前验证码确认。",
         "change_password": "修改密码",
         "current_password": "当前密码",
         "new_password": "新密码",

@@ -865,3 +865,35 @@ def test_security_changes_need_a_finished_sign_in(world: World, path: str) -> No
     assert pending.headers["Location"].endswith("/login/mfa")
     with world.platform.session() as session:
         assert mfa.enabled(session, user.id)
+
+
+def test_recovery_codes_can_be_replaced_with_password_and_code(world: World) -> None:
+    user = person(world, world.a)
+    client = browser(world)
+    sign_in(client, user.email)
+    client.get("/login/tenant")
+    secret, old_codes = enrol(world, client, user)
+    refused = post(
+        client,
+        "/account/security/recovery",
+        {"password": "not my password", "code": old_codes[0]},
+        "/account/security",
+    )
+    assert refused.status_code == 400
+    wait_for_next_step(world, user)
+    renewed = post(
+        client,
+        "/account/security/recovery",
+        {"password": PASSWORD, "code": mfa.current_code(secret)},
+        "/account/security",
+    )
+    assert renewed.status_code == 200
+    new_codes = re.findall(
+        r"<code>([a-z2-9]{5}-[a-z2-9]{5})</code>", renewed.get_data(as_text=True)
+    )
+    assert len(new_codes) == mfa.RECOVERY_CODES and not set(new_codes) & set(old_codes)
+    assert "mfa_recovery_codes_renewed" in audit_actions(world.a, user.email)
+    post(client, "/logout", {}, f"/t/{world.a.slug}/")
+    sign_in(client, user.email)
+    assert post(client, "/login/mfa", {"code": old_codes[1]}, "/login/mfa").status_code == 401
+    assert post(client, "/login/mfa", {"code": new_codes[0]}, "/login/mfa").status_code == 302
