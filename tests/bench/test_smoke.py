@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from bench import dataset, o1_o8_records, o9_add_field, o13_tenants, servers, validate_plan
+from bench import (
+    dataset,
+    o1_o8_records,
+    o9_add_field,
+    o10_permission,
+    o11_row_scope,
+    o13_tenants,
+    servers,
+    validate_plan,
+)
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
@@ -192,3 +201,38 @@ def test_d4_has_fourteen_columns_and_is_deterministic(tmp_path):
     assert all(len(row) == len(dataset.D4_COLUMNS) == 14 for row in first)
     path = dataset.write_d4(tmp_path / "d4.csv", 10)
     assert path.read_text("utf-8").splitlines()[0] == ",".join(dataset.D4_COLUMNS)
+
+
+def test_o10_decides_through_metacrm_and_the_bare_enforcer_agrees(capsys):
+    record = o10_permission.run(
+        ["--quick", "--no-json", "--tenants", "1,3", "--seconds", "0.05", "--samples", "200"]
+    )
+    out = capsys.readouterr().out
+    assert "== O10 permission decision, 3 tenant(s)" in out
+    assert "== O10 flatness: 3 tenants against 1" in out
+    one, three = record["sections"][0]["details"], record["sections"][1]["details"]
+    # D3's shape: ~195 policy lines per tenant, every tenant with its own policy.
+    assert 150 <= one["policy_lines"] <= 250
+    assert three["policy_lines"] == 3 * one["policy_lines"]
+    assert three["questions"] == 3 * one["questions"] > 50
+    assert one["traced_bytes_per_tenant"] > 0
+    rows = rows_by_label(record)
+    assert rows["decision p50 (for_principal+require+view+where)"]["baseline"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_o11_puts_the_scope_in_the_sql_with_b0s_plan(backend, capsys):
+    record = o11_row_scope.run(
+        ["--quick", "--no-json", "--backend", backend, "--rows", "10000", "--seconds", "0.05"]
+    )
+    out = capsys.readouterr().out
+    assert f"== O11 row-scoped list, {backend}, sales_rep" in out
+    assert "lead.owner_id = " in out and "lead.team_id IN (" in out  # the captured SQL
+    for section in record["sections"]:
+        rows = {row["label"]: row for row in section["rows"]}
+        for spec in o11_row_scope.LISTS:
+            assert rows[f"{spec.name}: scope predicate in the SQL"]["verdict"] == "PASS"
+            assert rows[f"{spec.name}: plan shape equal"]["verdict"] == "PASS"
+            assert rows[f"{spec.name}: same ids in the same order as B0"]["verdict"] == "PASS"
+    manager = record["sections"][1]["details"]
+    assert 0.03 < manager["visible"] / manager["total"] < 0.08  # own + team: ~5 %
