@@ -228,11 +228,16 @@ def test_o11_puts_the_scope_in_the_sql_with_b0s_plan(backend, capsys):
     out = capsys.readouterr().out
     assert f"== O11 row-scoped list, {backend}, sales_rep" in out
     assert "lead.owner_id = " in out and "lead.team_id IN (" in out  # the captured SQL
-    for section in record["sections"]:
+    scoped = [s for s in record["sections"] if s["title"].startswith("O11 row-scoped list")]
+    assert len(scoped) == 2  # the rep and the manager
+    for section in scoped:
         rows = {row["label"]: row for row in section["rows"]}
         for spec in o11_row_scope.LISTS:
             assert rows[f"{spec.name}: scope predicate in the SQL"]["verdict"] == "PASS"
             assert rows[f"{spec.name}: plan shape equal"]["verdict"] == "PASS"
             assert rows[f"{spec.name}: same ids in the same order as B0"]["verdict"] == "PASS"
-    manager = record["sections"][1]["details"]
+    manager = scoped[1]["details"]
     assert 0.03 < manager["visible"] / manager["total"] < 0.08  # own + team: ~5 %
+    (what_if,) = [s for s in record["sections"] if s["title"].startswith("O11 what if")]
+    # The rep's default list (owner = me, newest first) is what the wider index serves.
+    assert "o11_whatif_owner_created" in what_if["rows"][0]["note"]
