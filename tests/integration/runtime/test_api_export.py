@@ -472,3 +472,35 @@ def test_the_openapi_document_lists_the_export(world: World) -> None:
     names = {p.get("name") for p in operation["parameters"]}
     assert {"format", "sort", "fields", "bom"} <= names
     assert "phone" not in json.dumps(operation)  # hidden from the manager, even in patterns
+
+
+def test_token_scopes_and_other_tenants(world: World) -> None:
+    """A read-only token may export; an entity-limited one only its entities; nothing crosses
+    tenants."""
+    p = world.platform
+    with p.session() as session:
+        admin = session.get(User, world.users["admin"].id)
+        assert admin is not None
+        _, reading = tokens.create_token(session, world.tenant, admin, "ro", read_only=True)
+        _, contacts = tokens.create_token(
+            session, world.tenant, admin, "contacts", entities=["contact"]
+        )
+    client = world.app.test_client()
+    base = f"/t/{world.tenant.slug}/api/v1/records"
+    exported = client.get(f"{base}/customer/export", headers={"Authorization": f"Bearer {reading}"})
+    assert len(csv_rows(exported)) == len(OWNERS)
+    before = world.state()
+    refused = client.get(f"{base}/customer/export", headers={"Authorization": f"Bearer {contacts}"})
+    assert "customer" in problem(refused, 403, "forbidden")["detail"]
+    assert world.state() == before
+    other = make_tenant(p, world.app)
+    foreign = client.get(
+        f"/t/{other.slug}/api/v1/records/customer/export",
+        headers={"Authorization": f"Bearer {world.tokens['admin']}"},
+    )
+    problem(foreign, 404, "not_found")
+    theirs = client.get(
+        f"{base}/customer/export", headers={"Authorization": f"Bearer {other.token}"}
+    )
+    problem(theirs, 404, "not_found")
+    assert world.state() == before
