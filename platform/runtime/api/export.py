@@ -41,9 +41,12 @@ import datetime as dt
 import io
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from flask import Blueprint, Response, request
 
 from metacrm.metadata.expression import EvalContext
@@ -67,6 +70,8 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
 AUDIT_ACTION = "record.export"
 NOTIFICATION_KIND = "record.mass_export"
+#: Turns one batch of records into the file's text.
+Encode = Callable[[Sequence[Mapping[str, Any]]], str]
 
 
 def csv_cell(value: Any) -> str:
@@ -93,7 +98,7 @@ def _columns(entity: EntityModel, fields: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys((*SYSTEM_FIELDS, *chosen)))
 
 
-def _encoder(kind: str, columns: Sequence[str], bom: bool) -> tuple[str, Any]:
+def _encoder(kind: str, columns: Sequence[str], bom: bool) -> tuple[str, Encode]:
     """Return the file's first text and a function turning a batch of records into text."""
     if kind == "jsonl":
 
@@ -177,39 +182,24 @@ def export_records(tenant: str, entity: str) -> Response:
     )
 
 
+@dataclass
 class _Export:
     """One running export: reads the next batches, alerts, and audits when it ends."""
 
-    def __init__(
-        self,
-        *,
-        store: TenantStore,
-        model: TenantModel,
-        entity: EntityModel,
-        wanted: query.ListRequest,
-        ctx: EvalContext,
-        secret: bytes,
-        scope: Any,
-        threshold: int,
-        actor: tuple[Any, str],
-        ip: str | None,
-        slug: str,
-        kind: str,
-    ) -> None:
-        self.store = store
-        self.model = model
-        self.entity = entity
-        self.wanted = wanted
-        self.ctx = ctx
-        self.secret = secret
-        self.scope = scope
-        self.threshold = threshold
-        self.actor = actor
-        self.ip = ip
-        self.slug = slug
-        self.kind = kind
-        self.sent = 0
-        self.alerted = False
+    store: TenantStore
+    model: TenantModel
+    entity: EntityModel
+    wanted: query.ListRequest
+    ctx: EvalContext
+    secret: bytes
+    scope: sa.ColumnElement[bool] | None
+    threshold: int
+    actor: tuple[uuid.UUID, str]
+    ip: str | None
+    slug: str
+    kind: str
+    sent: int = 0
+    alerted: bool = False
 
     def _next(self, cursor: str) -> query.Page:
         with self.store.connect() as connection:
@@ -224,7 +214,7 @@ class _Export:
                 connection, self.model, self.entity, request_, self.ctx, self.secret, self.scope
             )
 
-    def stream(self, first: query.Page, header: str, encode: Any) -> Iterator[str]:
+    def stream(self, first: query.Page, header: str, encode: Encode) -> Iterator[str]:
         """Yield the file: header, then one chunk per batch; audit in ``finally``."""
         complete = False
         try:
