@@ -144,6 +144,7 @@ def build_world(tenants: int, model: TenantModel) -> tuple[list[Call], dict[str,
     gc.collect()
     rss_after = memory_kib()["rss"]
     per_policy = traced_policy_bytes(model, calls_per_tenant=per_tenant[0])
+    cold = cold_decisions(model, per_tenant[0])
     # Interleave the tenants: call k of tenant 1, call k of tenant 2, ...
     calls = [c for group in itertools.zip_longest(*per_tenant) for c in group if c is not None]
     figures = {
@@ -154,11 +155,31 @@ def build_world(tenants: int, model: TenantModel) -> tuple[list[Call], dict[str,
         "traced_bytes": per_policy * tenants,
         "rss_growth_kib": rss_after - rss_before,
         "questions": len(calls),
+        "cold_decision": cold.__dict__,
     }
     return calls, figures
 
 
 TRACED_POLICIES = 5
+
+
+def cold_decisions(model: TenantModel, calls_per_tenant: Sequence[Call]) -> Stats:
+    """Time each question's first decision on fresh policies (Casbin runs; no memo yet).
+
+    What the first requests after a start or a publish pay, once per role set,
+    entity and action; every later one is the memoised decision timed above.
+    """
+    doc = model.bundle.doc
+    durations = []
+    clock = time.perf_counter
+    for i in range(TRACED_POLICIES):
+        policy = authz.TenantPolicy(uuid.UUID(int=2 * 10**9 + i), model.version, doc)
+        for call in calls_per_tenant:
+            roles = policy.known_roles(call.principal.membership.roles)
+            start = clock()
+            policy.scope(roles, call.entity, call.action)
+            durations.append(clock() - start)
+    return Stats.of(durations)
 
 
 def traced_policy_bytes(model: TenantModel, calls_per_tenant: Sequence[Call]) -> float:
@@ -358,6 +379,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "added per request p50",
                     added,
                     target=Target.at_most(DECISION_TARGET_MS, "ms"),
+                ),
+                Row(
+                    "first decision after a publish p50 (Casbin, then memoised)",
+                    figures["cold_decision"]["p50"],
+                    note=f"p95 {figures['cold_decision']['p95']:.3f} ms; once per role set, "
+                    "entity and action",
                 ),
                 Row(
                     "build one tenant's policy (first request)",
