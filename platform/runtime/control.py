@@ -167,9 +167,7 @@ class OperatorSession(Base):
     __tablename__ = "operator_session"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
-    operator_id: Mapped[uuid.UUID] = mapped_column(
-        sa.ForeignKey("operator.id", ondelete="CASCADE")
-    )
+    operator_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("operator.id", ondelete="CASCADE"))
     secret_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime]
@@ -261,9 +259,7 @@ class KnownIp(Base):
     __table_args__ = (sa.UniqueConstraint("user_id", "ip"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
-    user_id: Mapped[uuid.UUID] = mapped_column(
-        sa.ForeignKey("user_account.id", ondelete="CASCADE")
-    )
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("user_account.id", ondelete="CASCADE"))
     ip: Mapped[str] = mapped_column(sa.String(45))
     first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
