@@ -650,3 +650,51 @@ def test_an_explicit_deny_wins_over_the_inherited_grant(matrix: Matrix) -> None:
     problem(m.call("intern", "POST", "task/bulk/delete", {"ids": [task]}), 403, "forbidden")
     assert m.state() == before
     assert m.call("intern", "PATCH", f"task/{task}", {"subject": "renamed"}).status_code == 200
+
+
+# -- publishing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_publish_changes_permissions_in_every_process(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> None:
+    """Two apps (each with its own model cache) on one database both follow a new version.
+
+    Policies are keyed by the version each request's model lookup reads, so no
+    process can keep deciding with the roles of an older publish.
+    """
+    with private_control_database(backend) as database:
+        folder = tmp_path_factory.mktemp("publish")
+        settings = make_settings(backend, folder, request, **database)
+        p = Platform(settings)
+        p.init_control()
+        try:
+            with build_app(settings) as first, build_app(settings) as second:
+                api = make_tenant(p, first)
+                with p.session() as session:
+                    user = User(email=f"rep@{api.tenant.slug}.example", display_name="rep")
+                    session.add(user)
+                    session.flush()
+                    session.add(
+                        Membership(tenant_id=api.tenant.id, user_id=user.id, roles=["sales_rep"])
+                    )
+                    _, secret = tokens.create_token(session, api.tenant, user, "t")
+                headers = {"Authorization": f"Bearer {secret}"}
+                url = f"/t/{api.tenant.slug}/api/v1/records/task"
+                for app in (first, second):
+                    assert app.test_client().get(url, headers=headers).status_code == 200
+                store = p.store(api.tenant)
+                with store.connect() as connection:
+                    current = metastore.current(connection)
+                bundle = copy.deepcopy(current.bundle)
+                for role in bundle["roles"]:
+                    if role["name"] == "sales_rep":
+                        role["permissions"].append(
+                            {"entity": "task", "actions": ["read"], "effect": "deny"}
+                        )
+                metastore.publish(store, bundle, expected_version=current.version)
+                for app in (first, second):
+                    problem(app.test_client().get(url, headers=headers), 403, "forbidden")
+        finally:
+            p.close()
