@@ -137,7 +137,8 @@ def _set_teams(bed: Bed, owners: list[uuid.UUID], teams: list[uuid.UUID]) -> Non
             )
             connection.exec_driver_sql("DROP TABLE d5_team")
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.exec_driver_sql(f"VACUUM ANALYZE {table}")
+            # FULL: the UPDATE left a dead version of every row in the table and its indexes.
+            c.exec_driver_sql(f"VACUUM FULL ANALYZE {table}")
         return
     connection = sqlite3.connect(store.engine.url.database, isolation_level=None)
     try:
