@@ -18,7 +18,10 @@ import datetime as dt
 import hashlib
 import ipaddress
 import secrets
+import threading
+import time
 import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,6 +71,16 @@ class Security:
         return any(address in network for network in self.ip_allowlist)
 
 
+#: Seconds a tenant's sign-in rules are reused before its settings are read again.
+#: Reading them costs a query per request, and rules change rarely: a published
+#: change applies in every process within this time.
+SECURITY_TTL = 30.0
+_security_cache: weakref.WeakKeyDictionary[Platform, dict[uuid.UUID, tuple[float, Security]]] = (
+    weakref.WeakKeyDictionary()
+)
+_security_lock = threading.Lock()
+
+
 def default_security(platform: Platform) -> Security:
     """Return the platform-wide defaults (before a tenant is chosen)."""
     s = platform.settings
@@ -80,8 +93,26 @@ def default_security(platform: Platform) -> Security:
     )
 
 
-def tenant_security(platform: Platform, tenant: Tenant) -> Security:
-    """Return a tenant's sign-in rules from its published settings document."""
+def tenant_security(platform: Platform, tenant: Tenant, *, fresh: bool = False) -> Security:
+    """Return a tenant's sign-in rules, read again when older than SECURITY_TTL or ``fresh``."""
+    now = time.monotonic()
+    with _security_lock:
+        known = _security_cache.setdefault(platform, {}).get(tenant.id)
+    if known is not None and not fresh and now - known[0] < SECURITY_TTL:
+        return known[1]
+    security = _read_security(platform, tenant)
+    with _security_lock:
+        _security_cache.setdefault(platform, {})[tenant.id] = (now, security)
+    return security
+
+
+def forget_security() -> None:
+    """Drop every remembered tenant rule (tests that publish new rules call this)."""
+    with _security_lock:
+        _security_cache.clear()
+
+
+def _read_security(platform: Platform, tenant: Tenant) -> Security:
     store = platform.store(tenant)
     with store.connect() as connection:
         model = platform.models.current(store, connection)

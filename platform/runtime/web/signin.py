@@ -320,7 +320,7 @@ def login_tenant() -> BaseResponse:
 
 def _choose(current: SignedIn, tenant: Tenant) -> BaseResponse:
     p = platform()
-    security = sessions.tenant_security(p, tenant)
+    security = sessions.tenant_security(p, tenant, fresh=True)  # authoritative at sign-in
     if not security.allows(_ip()):
         lang = text.language()
         words = text.strings(lang)

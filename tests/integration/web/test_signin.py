@@ -25,7 +25,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from metacrm.runtime import metastore, mfa, tenancy, tokens
+from metacrm.runtime import metastore, mfa, sessions, tenancy, tokens
 from metacrm.runtime.control import KnownIp, LoginSession, LoginThrottle, Membership, User
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.store import audit
@@ -169,10 +169,12 @@ def security_settings(api: Api, **values: Any) -> Iterator[None]:
     doc = copy.deepcopy(current.bundle)
     doc.setdefault("settings", {})["security"] = values
     version = metastore.publish(store, doc, expected_version=current.version)
+    sessions.forget_security()  # rules are reused for SECURITY_TTL; apply them now
     try:
         yield
     finally:
         metastore.publish(store, current.bundle, expected_version=version.version)
+        sessions.forget_security()
 
 
 def enrol(world: World, client: FlaskClient, user: User) -> tuple[str, list[str]]:
