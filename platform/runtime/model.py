@@ -125,6 +125,10 @@ def compile_model(
     return TenantModel(version, bundle, metadata, entities)
 
 
+#: Built once: every request asks it, and building a statement costs more than its cache hit.
+_CURRENT_VERSION = sa.select(sa.func.max(meta_version.c.version))
+
+
 class ModelCache:
     """Compiled models by (store, version), least recently used dropped first."""
 
@@ -135,7 +139,7 @@ class ModelCache:
 
     def current(self, store: TenantStore, connection: Connection) -> TenantModel:
         """Return the model of the version published now, compiling it on first use."""
-        version = connection.execute(sa.select(sa.func.max(meta_version.c.version))).scalar()
+        version = connection.execute(_CURRENT_VERSION).scalar()
         key = (str(store.engine.url), store.schema, version or 0)
         with self._lock:
             model = self._models.get(key)
