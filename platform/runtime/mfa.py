@@ -239,7 +239,7 @@ def operator_reset(platform: Platform, email: str) -> tuple[list[str], int]:
         with platform.store(tenant).begin() as connection:
             audittrail.append(
                 connection,
-                action="mfa_reset",
+                action="auth.mfa_reset",
                 actor_id=None,
                 actor_name="operator (metacrm user reset-mfa)",
                 detail={"user_id": str(user_id), "email": user_email, "sessions_ended": ended},

@@ -48,7 +48,7 @@ def test_reset_mfa_removes_the_factor_ends_sessions_and_audits_each_tenant(cli: 
                 last = connection.execute(
                     sa.select(audit.c.action, audit.c.detail).order_by(audit.c.seq.desc())
                 ).first()
-            assert last.action == "mfa_reset" and last.detail["email"] == email
+            assert last.action == "auth.mfa_reset" and last.detail["email"] == email
         again = cli("user", "reset-mfa", "--email", email, code=1)
         assert "has no second factor; nothing was changed" in again.stderr
         missing = cli("user", "reset-mfa", "--email", "nobody@example.com", code=1)

@@ -113,7 +113,7 @@ def reset_mfa(tenant: str, user_id: str) -> tuple[str, int]:
         ended = sessions.revoke_all(session, user.id)
         audittrail.append(
             connection,
-            action="mfa_reset",
+            action="auth.mfa_reset",
             actor_id=actor.id,
             actor_name=actor.email,
             detail={"user_id": str(user.id), "email": user.email, "sessions_ended": ended},

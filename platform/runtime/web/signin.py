@@ -104,7 +104,7 @@ def _append(
     with p.store(tenant).begin() as connection:
         audittrail.append(
             connection,
-            action=action,
+            action=f"auth.{action}",
             actor_id=user.id if user else None,
             actor_name=user.email if user else None,
             detail=detail or None,

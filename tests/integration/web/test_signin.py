@@ -226,7 +226,7 @@ def test_login_lands_on_tenant_with_hardened_cookie(world: World) -> None:
     # The reference page itself opens with the login cookie.
     assert client.get(f"/t/{world.a.slug}/api/v1/docs").status_code == 200
     assert api_get(client, world.a).status_code == 200
-    assert "login" in audit_actions(world.a, user.email)
+    assert "auth.login" in audit_actions(world.a, user.email)
 
 
 def test_production_cookie_is_secure(world: World) -> None:
@@ -282,7 +282,7 @@ def test_logout_revokes_replayed_cookie(world: World) -> None:
     assert thief.get(f"/t/{world.a.slug}/").headers["Location"].endswith("/login")
     refused = api_get(thief, world.a)
     assert refused.status_code == 401 and refused.json["code"] == "unauthorized"
-    assert "logout" in audit_actions(world.a, user.email)
+    assert "auth.logout" in audit_actions(world.a, user.email)
     assert open_sessions(world, user) == 0
 
 
@@ -386,7 +386,7 @@ def test_brute_force_locks_account_without_telling(world: World) -> None:
     assert _body(locked, user.email) == _body(wrong, user.email)
     assert client.get(f"/t/{world.a.slug}/").status_code == 302
     actions = audit_actions(world.a, user.email)
-    assert actions.count("login_failed") >= 5 and actions.count("lockout") == 1
+    assert actions.count("auth.login_failed") >= 5 and actions.count("auth.lockout") == 1
     assert open_sessions(world, user) == 0
     # The lockout ends by itself.
     with world.platform.session() as session:
@@ -489,7 +489,7 @@ def test_mfa_enrol_then_sign_in_with_totp_and_recovery_code(world: World) -> Non
     # Turning MFA on ended the other browser's session, not this one's.
     assert api_get(other, world.a).status_code == 401
     assert api_get(client, world.a).status_code == 200
-    assert "mfa_enabled" in audit_actions(world.a, user.email)
+    assert "auth.mfa_enabled" in audit_actions(world.a, user.email)
     post(client, "/logout", {}, f"/t/{world.a.slug}/")
 
     wait_for_next_step(world, user)
@@ -544,7 +544,7 @@ def test_mfa_guesses_lock_the_account(world: World) -> None:
     # The pending session ended; the password alone is locked out now.
     assert client.get("/login/mfa").headers["Location"].endswith("/login")
     assert sign_in(browser(world), user.email).status_code == 401
-    assert "lockout" in audit_actions(world.a, user.email)
+    assert "auth.lockout" in audit_actions(world.a, user.email)
 
 
 def test_role_that_requires_mfa_is_sent_to_enrolment(world: World) -> None:
@@ -608,7 +608,7 @@ def test_admin_resets_mfa_with_audit(world: World) -> None:
     assert open_sessions(world, user) == 0
     gone = api_get(client, world.a)
     assert gone.status_code == 401, gone.json
-    assert audit_actions(world.a, world.a.admin.email)[-1] == "mfa_reset"
+    assert audit_actions(world.a, world.a.admin.email)[-1] == "auth.mfa_reset"
     assert anonymous.delete(path, headers=admin).json["code"] == "mfa_not_enabled"
     for bad in ("not-a-uuid", str(uuid.uuid4()), "0" * 5000):
         missing = anonymous.delete(f"/t/{world.a.slug}/api/v1/users/{bad}/mfa", headers=admin)
@@ -622,14 +622,14 @@ def test_admin_cannot_reset_mfa_of_a_login_shared_with_another_tenant(world: Wor
     post(client, "/login/tenant", {"tenant": world.a.slug}, "/login/tenant")
     enrol(world, client, user)
     path = f"/t/{world.a.slug}/api/v1/users/{user.id}/mfa"
-    resets = audit_actions(world.a).count("mfa_reset")
+    resets = audit_actions(world.a).count("auth.mfa_reset")
     answer = world.app.test_client().delete(
         path, headers={"Authorization": f"Bearer {world.a.token}"}
     )
     assert answer.status_code == 409 and answer.json["code"] == "shared_identity"
     with world.platform.session() as session:
         assert mfa.enabled(session, user.id)
-    assert audit_actions(world.a).count("mfa_reset") == resets
+    assert audit_actions(world.a).count("auth.mfa_reset") == resets
 
 
 # -- password change, timeouts, deactivation ------------------------------------------------
@@ -678,7 +678,7 @@ def test_password_change_ends_other_sessions(world: World) -> None:
     assert changed.status_code == 200
     assert api_get(other, world.a).status_code == 401
     assert api_get(client, world.a).status_code == 200
-    assert "password_changed" in audit_actions(world.a, user.email)
+    assert "auth.password_changed" in audit_actions(world.a, user.email)
     assert sign_in(browser(world), user.email, "a brand new secret 9").status_code == 302
 
 
@@ -778,15 +778,15 @@ def test_login_from_new_address_alerts_admins(world: World) -> None:
     first = browser(world)
     sign_in(first, user.email)
     first.get("/login/tenant")
-    assert "new_ip_login" not in audit_actions(world.a, user.email)
+    assert "auth.new_ip_login" not in audit_actions(world.a, user.email)
     second = browser(world)
     sign_in(second, user.email)
     second.get("/login/tenant")
-    assert audit_actions(world.a, user.email).count("new_ip_login") == 1
+    assert audit_actions(world.a, user.email).count("auth.new_ip_login") == 1
     again = browser(world, second.environ_base["REMOTE_ADDR"])
     sign_in(again, user.email)
     again.get("/login/tenant")
-    assert audit_actions(world.a, user.email).count("new_ip_login") == 1
+    assert audit_actions(world.a, user.email).count("auth.new_ip_login") == 1
     with world.platform.session() as session:
         assert (
             session.scalar(
@@ -894,7 +894,7 @@ def test_recovery_codes_can_be_replaced_with_password_and_code(world: World) -> 
         r"<code>([a-z2-9]{5}-[a-z2-9]{5})</code>", renewed.get_data(as_text=True)
     )
     assert len(new_codes) == mfa.RECOVERY_CODES and not set(new_codes) & set(old_codes)
-    assert "mfa_recovery_codes_renewed" in audit_actions(world.a, user.email)
+    assert "auth.mfa_recovery_codes_renewed" in audit_actions(world.a, user.email)
     post(client, "/logout", {}, f"/t/{world.a.slug}/")
     sign_in(client, user.email)
     assert post(client, "/login/mfa", {"code": old_codes[1]}, "/login/mfa").status_code == 401
