@@ -18,14 +18,17 @@ Then, interleaved per repetition so that noise hits both sides alike:
 - **O5** count with a list: ``query.count_records`` capped at 1,001 then
   estimated; the exact count with its timeout (and a 1 ms timeout that must be
   refused with ``count_timeout``).
-- **API** (O1, O2 list; O7 read by id): metacrm and B1 (``bench.servers``) under
-  the same gunicorn settings; single-client p50/p95/p99 over keep-alive, and
-  ``wrk -t1 -c8 -d15s --latency`` requests/s. O7 create and update (with
-  ``If-Match``) through the API, single client, audit and outbox rows counted.
-- **O8** bulk import of D4 (CSV, 14 columns) through ``imports.import_csv``
-  (validated like the API, audit and outbox per record) against raw ``COPY`` /
-  sqlite ``executemany`` into a typed table with the same indexes; each run in
-  a fresh process, peak RSS reported.
+- **API** (O1, O2 list; O7 read by id): metacrm and B1 (``bench.servers``, which
+  must answer the same JSON) under the same gunicorn settings; single-client
+  p50/p95/p99 over keep-alive, and ``wrk -t1 -c8 -d15s --latency`` requests/s.
+  O7 create and update (with ``If-Match``) through the API, single client,
+  audit and outbox rows counted.
+- **O8** bulk import of D4 (CSV, 14 columns): rows become API payloads and go
+  through ``records.create_many``, 2,000 per transaction (validated like the
+  API, one audit entry and one outbox event per record), against raw ``COPY`` /
+  sqlite ``executemany`` into a typed table with the same secondary indexes;
+  each run in a fresh process, peak RSS reported.
+- A table of where an API request's time goes (in process), part by part.
 - **O14** bytes per record including indexes against a hand-written typed table.
 
 Run: ``.venv/bin/python -m bench.o1_o8_records [--quick] [--backend sqlite] [--only o1,o8]``
