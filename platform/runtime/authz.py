@@ -37,7 +37,7 @@ import json
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -536,6 +536,15 @@ class Access:
         """The caller's team and every team nested below it (what ``team`` scope means)."""
         return tuple(self.teams_loader())
 
+    @property
+    def teams(self) -> Sequence[uuid.UUID]:
+        """``team_ids`` read only when used: what ``my_team()`` gets in expressions.
+
+        Most requests never evaluate ``my_team()``; this keeps them from paying a
+        control-database read for it.
+        """
+        return _LazyTeams(self)
+
     def where(self, entity: EntityModel, action: str = "read") -> sa.ColumnElement[bool] | None:
         """Return the SQL condition of the records ``action`` may touch; None means all.
 
@@ -630,6 +639,19 @@ class Access:
         if scope == "team" and member.team_id is not None and member.team_id in self.team_ids:
             return member.team_id
         raise refused
+
+
+class _LazyTeams(Sequence[uuid.UUID]):
+    """The caller's teams as a sequence that reads them on first use."""
+
+    def __init__(self, access: Access) -> None:
+        self._access = access
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._access.team_ids[index]
+
+    def __len__(self) -> int:
+        return len(self._access.team_ids)
 
 
 def for_principal(

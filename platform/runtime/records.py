@@ -118,7 +118,10 @@ class _Context:
 
     def eval_context(self) -> EvalContext:
         today = self.now.astimezone(self.model.timezone).date()
-        teams = (self.caller.team_id,) if self.caller.team_id else ()
+        if self.caller.access is not None:
+            teams: Sequence[uuid.UUID] = self.caller.access.teams
+        else:
+            teams = (self.caller.team_id,) if self.caller.team_id else ()
         return EvalContext(now=self.now, today=today, user_id=self.caller.user_id, team_ids=teams)
 
 

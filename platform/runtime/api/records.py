@@ -120,10 +120,14 @@ def _allowed(context: RequestContext, model: TenantModel, entity: str, action: s
     return found
 
 
-def _eval_context(model: TenantModel, context: RequestContext) -> EvalContext:
+def _eval_context(
+    model: TenantModel, context: RequestContext, allowed: authz.Access
+) -> EvalContext:
     now = dt.datetime.now(dt.UTC)
     today = now.astimezone(model.timezone).date()
-    return EvalContext(now=now, today=today, user_id=context.principal.user.id)
+    return EvalContext(
+        now=now, today=today, user_id=context.principal.user.id, team_ids=allowed.teams
+    )
 
 
 def _cursor_secret(context: RequestContext) -> bytes:
@@ -432,7 +436,7 @@ def _reading(tenant: str, entity_name: str, action: str = "read") -> Iterator[Re
             connection,
             view,
             shown,
-            _eval_context(model, context),
+            _eval_context(model, context, allowed),
             allowed,
             allowed.where(shown, action),
         )
@@ -469,7 +473,7 @@ def _write(
             entity = _entity(model, entity_name)
             allowed = _allowed(context, model, entity.name, permission)
             scope = allowed.where(entity, permission)
-            ctx = _eval_context(model, context)
+            ctx = _eval_context(model, context, allowed)
             claim = None
             if key is not None:
                 claimed = idempotency.claim(connection, context.principal.user.id, key, ctx.now)

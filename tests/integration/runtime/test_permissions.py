@@ -281,6 +281,19 @@ def test_list_search_and_count_see_exactly_the_scope(matrix: Matrix, who: str, e
     assert ids(binned) <= expected
 
 
+@pytest.mark.parametrize("who", ["admin", "manager", "rep_north", "rep_west"])
+def test_my_team_in_a_filter_covers_nested_teams(matrix: Matrix, who: str) -> None:
+    """``team_id in my_team()`` means the caller's team and every team below it."""
+    response = listed(matrix, who, "customer", filter="team_id in my_team()")
+    reachable = visible_owners(who, EXPECTED[who]["read"]["customer"])
+    teams = TEAMS_WITHIN[MEMBERS[who][1]]
+    expected = {matrix.records["customer"][o] for o in reachable if MEMBERS[o][1] in teams}
+    assert ids(response) == expected
+    if who == "manager":
+        # east > north: the manager's filter reaches the north rep's customer.
+        assert matrix.records["customer"]["rep_north"] in expected
+
+
 @pytest.mark.parametrize("entity", ENTITIES)
 @pytest.mark.parametrize("who", ROLES)
 def test_get_answers_404_outside_the_scope(matrix: Matrix, who: str, entity: str) -> None:
