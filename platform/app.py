@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from metacrm.runtime import ratelimit
 from metacrm.runtime import settings as settings_module
@@ -36,6 +37,11 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         METACRM_SETTINGS=settings,
     )
     app.json.ensure_ascii = False  # Chinese labels stay readable in responses
+    if settings.trusted_proxies:
+        # Behind N proxies the client's address is the Nth from the right of
+        # X-Forwarded-For; throttling, the IP allowlist and the audit trail need it.
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     _configure_logging(settings.log_level)
     platform = Platform(settings)

@@ -73,6 +73,7 @@ class Settings:
     login_rate_limit: str = "30 per minute"
     api_rate_limit: str = "1200 per minute"
     mass_export_rows: int = 1000
+    trusted_proxies: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -229,6 +230,11 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
                 f"setting {key} from {sources.get(key)}: {getattr(settings, key)!r} is not a "
                 "rate such as '30 per minute' or '10/second'"
             )
+    if not 0 <= settings.trusted_proxies <= 5:
+        raise SettingsError(
+            f"setting trusted_proxies: {settings.trusted_proxies} must be 0 (clients connect "
+            "directly) to 5 (proxies in front of metacrm that set X-Forwarded-For)"
+        )
     if settings.mass_export_rows < 0:
         raise SettingsError("setting mass_export_rows: must be 0 or more")
     if settings.max_request_bytes < 1024:

@@ -21,3 +21,35 @@ def test_wsgi_app_serves_health_from_environment_settings(tmp_path, monkeypatch)
     finally:
         wsgi.app.extensions["metacrm"].close()
         sys.modules.pop("metacrm.wsgi", None)
+
+
+def _client_address(tmp_path, trusted_proxies: int, forwarded: str) -> str:
+    from flask import request
+
+    from metacrm.app import create_app
+
+    app = create_app(
+        {
+            "instance_dir": str(tmp_path / f"instance{trusted_proxies}"),
+            "secret_key": "a-secret-key-for-wsgi-tests",
+            "trusted_proxies": trusted_proxies,
+        }
+    )
+    app.add_url_rule("/_address", "address", lambda: request.remote_addr or "")
+    try:
+        response = app.test_client().get(
+            "/_address",
+            headers={"X-Forwarded-For": forwarded},
+            environ_base={"REMOTE_ADDR": "10.0.0.9"},
+        )
+        return response.get_data(as_text=True)
+    finally:
+        app.extensions["metacrm"].close()
+
+
+def test_client_address_comes_from_the_trusted_proxy_only(tmp_path):
+    # One proxy: the address it appended (the right-most) is the client's; what the
+    # client wrote before it (a forged 1.2.3.4) is ignored.
+    assert _client_address(tmp_path, 1, "1.2.3.4, 203.0.113.7") == "203.0.113.7"
+    # No proxy configured: X-Forwarded-For is the client's own claim and is ignored.
+    assert _client_address(tmp_path, 0, "203.0.113.7") == "10.0.0.9"

@@ -339,3 +339,9 @@ def test_home_in_instance_dir_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     s = settings_module.load({"instance_dir": "~/crm"}, environ={})
     assert s.instance_dir == (tmp_path / "crm").resolve()
+
+
+@pytest.mark.parametrize("value", [-1, 6])
+def test_trusted_proxies_outside_zero_to_five_is_refused(tmp_path, value):
+    with pytest.raises(SettingsError, match="trusted_proxies"):
+        settings_module.load({"instance_dir": str(tmp_path), "trusted_proxies": value}, environ={})
