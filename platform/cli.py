@@ -118,7 +118,7 @@ def serve(host: str | None, port: int | None, demo: bool) -> None:
         email, password, token = _ensure_demo(platform)
         click.echo("")
         click.secho("metacrm is running with a demo tenant", bold=True)
-        click.echo(f"  URL:        {base}/")
+        click.echo(f"  URL:        {base}/login")
         click.echo(f"  Tenant API: {base}/t/{DEMO_SLUG}/api/v1/meta/")
         click.echo(f"  Login:      {email} / {password}")
         click.echo(f"  API token:  {token}")

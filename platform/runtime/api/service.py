@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, redirect, request
 
 from metacrm.runtime.api.context import platform
 from metacrm.runtime.api.problem import abort
@@ -13,11 +13,16 @@ bp = Blueprint("service", __name__)
 
 @bp.get("/")
 def index() -> Response:
-    """Describe the service and where a tenant's API lives."""
+    """Send a browser to the sign-in page; describe the service to an API client."""
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    if best == "text/html" and request.accept_mimetypes["text/html"] > 0:
+        return redirect("/login")  # type: ignore[return-value]
     return jsonify(
         {
             "service": "metacrm",
+            "sign_in": "/login",
             "metadata_api": "/t/{tenant}/api/v1/meta/",
+            "records_api": "/t/{tenant}/api/v1/records/{entity}",
             "health": "/healthz",
         }
     )

@@ -368,6 +368,14 @@ def test_index_describes_the_api(app):
     assert "tenant_api" not in body  # /t/{tenant}/api/v1/ itself is not an endpoint
     assert body["metadata_api"] == "/t/{tenant}/api/v1/meta/"
     assert body["health"] == "/healthz"
+    assert body["sign_in"] == "/login"
+
+
+def test_index_sends_a_browser_to_the_sign_in_page(app):
+    page = app.test_client().get("/", headers={"Accept": "text/html,*/*;q=0.8"})
+    assert page.status_code == 302 and page.headers["Location"] == "/login"
+    api = app.test_client().get("/", headers={"Accept": "application/json"})
+    assert api.status_code == 200 and api.get_json()["service"] == "metacrm"
 
 
 # -- reading ----------------------------------------------------------------------------------
