@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -331,9 +332,12 @@ def test_a_failure_while_adding_the_admin_leaves_nothing(platform, monkeypatch):
     def interrupted(*args: Any) -> Any:
         raise KeyboardInterrupt  # the process stops between the tables and the login
 
+    # A fresh address: on PostgreSQL the control database is shared by the session's
+    # tests, and a login another test left behind would get no generated password.
+    email = f"boss-{uuid.uuid4().hex[:8]}@acme.example"
     monkeypatch.setattr(tenancy, "_ensure_user", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tenancy.create_tenant(platform, "acme", "Acme", admin_email="boss@acme.example")
+        tenancy.create_tenant(platform, "acme", "Acme", admin_email=email)
     assert tenancy.list_tenants(platform) == []
     with platform.session() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Membership)) == 0
@@ -349,7 +353,7 @@ def test_a_failure_while_adding_the_admin_leaves_nothing(platform, monkeypatch):
                 == 0
             )
     monkeypatch.undo()
-    created = tenancy.create_tenant(platform, "acme", "Acme", admin_email="boss@acme.example")
+    created = tenancy.create_tenant(platform, "acme", "Acme", admin_email=email)
     assert created.admin is not None and created.generated_password
     with platform.session() as session:
         membership = session.scalar(sa.select(Membership))
