@@ -886,8 +886,15 @@ def _writes(bed: Bed, client: servers.Client, base: str, reps: int, seconds: flo
 
         return call
 
+    floor = _write_floor(bed)
     stats = _series(
-        {"create": counted("create", create), "update": counted("update", update)}, reps, seconds
+        {
+            "create": counted("create", create),
+            "update": counted("update", update),
+            "floor": floor,
+        },
+        reps,
+        seconds,
     )
     after = _platform_rows(bed)
     writes = calls["create"] + calls["update"]
@@ -900,6 +907,11 @@ def _writes(bed: Bed, client: servers.Client, base: str, reps: int, seconds: flo
             note=f"n={stats['create'].n}",
         ),
         Row("o7 create p95", stats["create"].p95),
+        Row(
+            "committed one-row INSERT on the raw driver p50",
+            stats["floor"].p50,
+            note="the disk's part: what any committed write costs here (informative)",
+        ),
         Row(
             "o7 update (If-Match) p50 single client",
             stats["update"].p50,
@@ -915,6 +927,24 @@ def _writes(bed: Bed, client: servers.Client, base: str, reps: int, seconds: flo
             note=f"{writes} writes, {logged[0]} audit, {logged[1]} outbox",
         ),
     ]
+
+
+def _write_floor(bed: Bed) -> Callable[[], None]:
+    """A committed one-row INSERT on the raw driver: the commit (WAL flush) every write pays."""
+    schema = bed.store.schema
+    table = f'"{schema}".write_floor' if schema else "write_floor"
+    kind = "uuid" if bed.postgresql else "TEXT"
+    bed.raw.execute(
+        f"CREATE TABLE IF NOT EXISTS {table} (id {kind} PRIMARY KEY, name text, amount numeric)"
+    )
+    sql = f"INSERT INTO {table} (id, name, amount) VALUES ({bed.placeholder}, "
+    sql += f"{bed.placeholder}, {bed.placeholder})"
+
+    def write() -> None:
+        # Autocommit on both raw connections: the statement is its own committed transaction.
+        bed.raw.execute(sql, bed.raw_params((uuid.uuid4(), "floor", 1234.5)))
+
+    return write
 
 
 # -- O8: bulk import ---------------------------------------------------------------------------
