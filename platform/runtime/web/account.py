@@ -14,15 +14,14 @@ import logging
 import threading
 from typing import Any
 
-from flask import Blueprint, Response, current_app, render_template, request
-from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
-from wtforms.validators import ValidationError
+from flask import Blueprint, Response, current_app, request
 
 from metacrm.runtime import accounts, mail
 from metacrm.runtime.accounts import AccountError
 from metacrm.runtime.passwords import password_problem
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.settings import Settings
+from metacrm.runtime.web import page, text
 
 bp = Blueprint("account", __name__, url_prefix="/account", template_folder="templates")
 log = logging.getLogger(__name__)
@@ -83,9 +82,8 @@ TEXT: dict[str, dict[str, str]] = {
 
 
 def language() -> str:
-    """Return the page language: ``?lang=`` first, then the browser's preference."""
-    chosen = request.args.get("lang") or request.accept_languages.best_match(["en", "zh-CN", "zh"])
-    return mail.language(chosen)
+    """Return the page language (the same choice as every other page's)."""
+    return text.language()
 
 
 def _platform() -> Platform:
@@ -93,29 +91,13 @@ def _platform() -> Platform:
 
 
 def _page(template: str, status: int = 200, **values: Any) -> Response:
-    lang = language()
-    text = TEXT[lang]
-    body = render_template(template, t=text, lang=lang, csrf_token=generate_csrf(), **values)
-    return Response(body, status, mimetype="text/html")
+    return page.render(template, TEXT, status, **values)
 
 
 @bp.after_request
 def _protect(response: Response) -> Response:
     """Keep the secret in the URL out of Referer headers, caches and frames."""
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    return response
-
-
-def _form_ok() -> bool:
-    """Check the form's CSRF token (also when no global CSRF protection is installed)."""
-    try:
-        validate_csrf(request.form.get("csrf_token", ""))
-    except (ValidationError, CSRFError):
-        return False
-    return True
+    return page.protect(response, referrer="no-referrer")
 
 
 def _field(name: str) -> str:
@@ -149,7 +131,7 @@ def invitation(link: str) -> Response:
     if request.method == "GET":
         return _page("account/invitation.html", **values)
     text = TEXT[language()]
-    if not _form_ok():
+    if not page.form_ok():
         return _page("account/invitation.html", 400, **{**values, "error": text["form_expired"]})
     password = _field("password")
     values["display_name"] = _field("display_name")[:200]
@@ -172,7 +154,7 @@ def forgot() -> Response:
     if request.method == "GET":
         return _page("account/forgot.html", error=None)
     text = TEXT[language()]
-    if not _form_ok():
+    if not page.form_ok():
         return _page("account/forgot.html", 400, error=text["form_expired"])
     p = _platform()
     email = _field("email")[:254]
@@ -224,7 +206,7 @@ def reset(link: str) -> Response:
     if request.method == "GET":
         return _page("account/reset.html", email=email, error=None)
     text = TEXT[language()]
-    if not _form_ok():
+    if not page.form_ok():
         return _page("account/reset.html", 400, email=email, error=text["form_expired"])
     password = _field("password")
     if password != _field("confirm"):

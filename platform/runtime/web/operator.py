@@ -12,15 +12,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request
-from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
-from wtforms.validators import ValidationError
+from flask import Blueprint, Response, current_app, redirect, request
 
 from metacrm.metadata.validation import BundleInvalid
 from metacrm.runtime import accounts, mail, operators, tenancy
 from metacrm.runtime.accounts import AccountError
 from metacrm.runtime.control import Operator
 from metacrm.runtime.platform import Platform
+from metacrm.runtime.web import page, text
 
 bp = Blueprint("operator", __name__, url_prefix="/operator", template_folder="templates")
 
@@ -77,31 +76,16 @@ def _platform() -> Platform:
 
 
 def _lang() -> str:
-    chosen = request.args.get("lang") or request.accept_languages.best_match(["en", "zh-CN", "zh"])
-    return mail.language(chosen)
+    return text.language()
 
 
 def _page(template: str, status: int = 200, **values: Any) -> Response:
-    lang = _lang()
-    body = render_template(template, t=TEXT[lang], lang=lang, csrf_token=generate_csrf(), **values)
-    return Response(body, status, mimetype="text/html")
+    return page.render(template, TEXT, status, **values)
 
 
 @bp.after_request
 def _protect(response: Response) -> Response:
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    return response
-
-
-def _form_ok() -> bool:
-    try:
-        validate_csrf(request.form.get("csrf_token", ""))
-    except (ValidationError, CSRFError):
-        return False
-    return True
+    return page.protect(response, referrer="no-referrer")
 
 
 def _current() -> Operator | None:
@@ -119,7 +103,7 @@ def login() -> Response:
     if request.method == "GET":
         return _page("operator/login.html", error=None)
     text = TEXT[_lang()]
-    if not _form_ok():
+    if not page.form_ok():
         return _page("operator/login.html", 400, error=text["form_expired"])
     p = _platform()
     lifetime = dt.timedelta(hours=p.settings.operator_session_hours)
@@ -146,7 +130,7 @@ def login() -> Response:
 @bp.post("/logout")
 def logout() -> Response:
     """End the operator's console session."""
-    if _form_ok():
+    if page.form_ok():
         with _platform().session() as session:
             operators.end_session(session, request.cookies.get(COOKIE))
     response = _to_login()
@@ -175,7 +159,7 @@ def create_tenant() -> Response:
     if operator is None:
         return _to_login()
     text = TEXT[_lang()]
-    if not _form_ok():
+    if not page.form_ok():
         return _home(operator, 400, error=text["form_expired"])
     p = _platform()
     slug = request.form.get("slug", "").strip()[:100]

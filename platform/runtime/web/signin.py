@@ -19,14 +19,13 @@ import secrets
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, Response, redirect, render_template, request, url_for
-from flask_wtf.csrf import generate_csrf
+from flask import Blueprint, Response, redirect, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
 from metacrm.runtime import audittrail, mfa, notifications, passwords, sessions, throttle
 from metacrm.runtime.control import KnownIp, LoginSession, Membership, Tenant, User, utcnow
 from metacrm.runtime.platform import Platform
-from metacrm.runtime.web import text
+from metacrm.runtime.web import page, text
 from metacrm.runtime.web.auth import SignedIn, current_login, forget, platform, remember
 
 bp = Blueprint(
@@ -41,10 +40,6 @@ log = logging.getLogger(__name__)
 MAX_EMAIL = 254
 MAX_PASSWORD = passwords.MAX_LENGTH
 MAX_CODE = 40
-CSP = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
 
 
 @functools.cache
@@ -55,21 +50,12 @@ def _dummy_hash() -> str:
 
 @bp.after_request
 def _protect(response: Response) -> Response:
-    """Never cache or frame sign-in pages; allow only this site's styles."""
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "same-origin"
-    response.headers["Content-Security-Policy"] = CSP
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    return response
+    """Never cache or frame sign-in pages; allow only this site's resources."""
+    return page.protect(response, referrer="same-origin")
 
 
 def _page(template: str, status: int = 200, **values: Any) -> Response:
-    lang = text.language()
-    body = render_template(
-        template, t=text.strings(lang), lang=lang, csrf_token=generate_csrf(), **values
-    )
-    return Response(body, status, mimetype="text/html")
+    return page.render(template, text.TEXT, status, **values)
 
 
 def _message(title: str, message: str, status: int) -> Response:
