@@ -24,7 +24,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, g, jsonify, request, stream_with_context
@@ -32,7 +32,7 @@ from flask import Blueprint, Flask, Response, g, jsonify, request, stream_with_c
 from metacrm.runtime import audittrail
 from metacrm.runtime import cursor as cursors
 from metacrm.runtime.api.context import RequestContext, platform, resolve
-from metacrm.runtime.api.problem import abort
+from metacrm.runtime.api.problem import abort, invalid_query
 from metacrm.runtime.api.viewer import viewer_of, visible_changes
 from metacrm.runtime.store import audit
 
@@ -86,21 +86,11 @@ def init_app(app: Flask) -> None:
                 audittrail.CLIENT_IP.set(None)
 
 
-def _invalid(parameter: str, message: str) -> NoReturn:
-    abort(
-        400,
-        "invalid_query",
-        "Invalid query",
-        f"{parameter}: {message}",
-        errors=[{"pointer": f"/{parameter}", "message": message}],
-    )
-
-
 def _only(names: tuple[str, ...]) -> None:
     """Refuse unknown parameters: a typo must not silently widen a search."""
     for name in request.args:
         if name not in names:
-            _invalid(
+            invalid_query(
                 name[:40].replace("~", "~0").replace("/", "~1"),
                 "is not a parameter here (known: " + ", ".join(names) + ")",
             )
@@ -111,12 +101,12 @@ def _one(name: str, max_length: int = 200) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        _invalid(name, "is given more than once")
+        invalid_query(name, "is given more than once")
     value = values[0]
     if len(value) > max_length or "\x00" in value:
-        _invalid(name, f"must be at most {max_length} characters, without NUL")
+        invalid_query(name, f"must be at most {max_length} characters, without NUL")
     if not value:
-        _invalid(name, "is empty")
+        invalid_query(name, "is empty")
     return value
 
 
@@ -127,7 +117,7 @@ def _uuid(name: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(value)
     except ValueError:
-        _invalid(name, "must be a UUID")
+        invalid_query(name, "must be a UUID")
 
 
 def _moment(name: str) -> dt.datetime | None:
@@ -137,13 +127,13 @@ def _moment(name: str) -> dt.datetime | None:
     try:
         moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        _invalid(name, "must be an ISO 8601 date-time such as 2026-01-31T09:00:00Z")
+        invalid_query(name, "must be an ISO 8601 date-time such as 2026-01-31T09:00:00Z")
     if moment.tzinfo is None:
-        _invalid(name, "must carry a time zone (Z or +08:00)")
+        invalid_query(name, "must carry a time zone (Z or +08:00)")
     try:
         return moment.astimezone(dt.UTC)
     except OverflowError:  # 0001-01-01T00:00+08:00 has no UTC time
-        _invalid(name, "is out of range")
+        invalid_query(name, "is out of range")
 
 
 @dataclass(frozen=True)
@@ -197,18 +187,18 @@ class Search:
 def _search() -> Search:
     actions = request.args.getlist("action")
     if len(actions) > MAX_ACTIONS:
-        _invalid("action", f"is given more than {MAX_ACTIONS} times")
+        invalid_query("action", f"is given more than {MAX_ACTIONS} times")
     for action in actions:
         if len(action) > audittrail.MAX_ACTION + 2 or not _ACTION_PATTERN.match(action):
-            _invalid(
+            invalid_query(
                 "action", "must be an action such as record.update, or a prefix such as record.*"
             )
     entity = _one("entity", 63)
     if entity is not None and not _ENTITY_PATTERN.match(entity):
-        _invalid("entity", "must be an entity's API name")
+        invalid_query("entity", "must be an entity's API name")
     since, until = _moment("since"), _moment("until")
     if since is not None and until is not None and since >= until:
-        _invalid("until", "must be later than since")
+        invalid_query("until", "must be later than since")
     return Search(
         _uuid("actor"), tuple(dict.fromkeys(actions)), entity, _uuid("record_id"), since, until
     )
@@ -267,7 +257,7 @@ def search(tenant: str) -> Response:
     limit = DEFAULT_LIMIT
     if limit_text is not None:
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
-            _invalid("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+            invalid_query("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
         limit = int(limit_text)
     digest = cursors.digest(json.dumps(wanted.describe(), sort_keys=True))
     query = sa.select(audit).where(*wanted.where()).order_by(audit.c.seq.desc()).limit(limit + 1)
@@ -276,14 +266,14 @@ def search(tenant: str) -> Response:
         try:
             position = cursors.decode(token, _cursor_secret(context))
         except cursors.CursorError as exc:
-            _invalid("cursor", str(exc))
+            invalid_query("cursor", str(exc))
         if (
             position.entity != "_audit"
             or position.digest != digest
             or not cursors.same_shape(position.values, (int,))
             or position.values[0] is None
         ):
-            _invalid("cursor", "belongs to another search; start again without it")
+            invalid_query("cursor", "belongs to another search; start again without it")
         query = query.where(audit.c.seq < position.values[0])
     with context.store.connect() as connection:
         rows = connection.execute(query).mappings().all()
@@ -358,7 +348,7 @@ def export(tenant: str) -> Response:
     wanted = _search()
     kind = _one("format", 10) or "csv"
     if kind != "csv":
-        _invalid("format", "must be csv")
+        invalid_query("format", "must be csv")
     principal = context.principal
     with context.store.begin() as connection:
         entry = audittrail.append(

@@ -8,13 +8,13 @@ nobody learns what others were told.
 from __future__ import annotations
 
 import uuid
-from typing import Any, NoReturn
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
 from metacrm.runtime import notifications as inbox
 from metacrm.runtime.api.context import RequestContext, platform, resolve
-from metacrm.runtime.api.problem import abort, read_json
+from metacrm.runtime.api.problem import abort, invalid_query, read_json
 from metacrm.runtime.api.viewer import viewer_of
 
 bp = Blueprint("notifications_api", __name__, url_prefix="/t/<tenant>/api/v1/notifications")
@@ -23,16 +23,6 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 MAX_IDS = 500
 MAX_BODY = 64 * 1024
-
-
-def _invalid(parameter: str, message: str) -> NoReturn:
-    abort(
-        400,
-        "invalid_query",
-        "Invalid query",
-        f"{parameter}: {message}",
-        errors=[{"pointer": f"/{parameter}", "message": message}],
-    )
 
 
 def _caller(tenant: str, change: bool = False) -> tuple[RequestContext, frozenset[str]]:
@@ -48,9 +38,9 @@ def _one(name: str, max_length: int) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        _invalid(name, "is given more than once")
+        invalid_query(name, "is given more than once")
     if len(values[0]) > max_length or not values[0]:
-        _invalid(name, f"must be 1 to {max_length} characters")
+        invalid_query(name, f"must be 1 to {max_length} characters")
     return values[0]
 
 
@@ -61,18 +51,18 @@ def listing(tenant: str) -> Response:
     known = ("unread", "limit", "before")
     for name in request.args:
         if name not in known:
-            _invalid(
+            invalid_query(
                 name[:40].replace("~", "~0").replace("/", "~1"),
                 "is not a parameter here (known: " + ", ".join(known) + ")",
             )
     unread = _one("unread", 5)
     if unread not in (None, "true", "false"):
-        _invalid("unread", "must be true or false")
+        invalid_query("unread", "must be true or false")
     limit_text = _one("limit", 4)
     limit = DEFAULT_LIMIT
     if limit_text is not None:
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
-            _invalid("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+            invalid_query("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
         limit = int(limit_text)
     before_text = _one("before", 36)
     before = None
@@ -80,7 +70,7 @@ def listing(tenant: str) -> Response:
         try:
             before = uuid.UUID(before_text)
         except ValueError:
-            _invalid("before", "must be the id of a notification")
+            invalid_query("before", "must be the id of a notification")
     user_id = context.principal.user.id
     with context.store.connect() as connection:
         items = inbox.inbox(

@@ -69,6 +69,22 @@ _HTTP_CODES = {
 }
 
 
+def pointer_token(name: object) -> str:
+    """Escape one JSON Pointer reference token (RFC 6901)."""
+    return str(name).replace("~", "~0").replace("/", "~1")
+
+
+def invalid_query(parameter: str, message: str) -> NoReturn:
+    """Answer a bad query parameter: ``400 invalid_query`` pointing at the parameter."""
+    abort(
+        400,
+        "invalid_query",
+        "Invalid query",
+        f"{parameter}: {message}",
+        errors=[{"pointer": f"/{pointer_token(parameter)}", "message": message}],
+    )
+
+
 def read_json(max_bytes: int | None = None) -> Any:
     """Decode the request body strictly, or answer with a precise 4xx problem."""
     if request.mimetype != "application/json":

@@ -45,7 +45,7 @@ from metacrm.metadata.expression import EvalContext
 from metacrm.runtime import authz, query, records
 from metacrm.runtime.api import idempotency
 from metacrm.runtime.api.context import RequestContext, access, platform, resolve
-from metacrm.runtime.api.problem import ProblemError, abort, read_json
+from metacrm.runtime.api.problem import ProblemError, abort, invalid_query, pointer_token, read_json
 from metacrm.runtime.model import EntityModel, TenantModel
 from metacrm.runtime.records import Caller
 
@@ -136,21 +136,6 @@ def _cursor_secret(context: RequestContext) -> bytes:
     return hmac.new(key, b"records-cursor:" + context.tenant.id.bytes, hashlib.sha256).digest()
 
 
-def _token(name: object) -> str:
-    """Escape one JSON Pointer reference token (RFC 6901)."""
-    return str(name).replace("~", "~0").replace("/", "~1")
-
-
-def _invalid_query(parameter: str, message: str) -> NoReturn:
-    abort(
-        400,
-        "invalid_query",
-        "Invalid query",
-        f"{parameter}: {message}",
-        errors=[{"pointer": f"/{_token(parameter)}", "message": message}],
-    )
-
-
 LIST_PARAMETERS = ("filter", "sort", "fields", "limit", "cursor", "q", "include")
 
 
@@ -159,7 +144,7 @@ def _only(*names: str) -> None:
     for name in request.args:
         if name not in names:
             known = ", ".join(names) if names else "none"
-            _invalid_query(name[:40], f"is not a parameter here (known: {known})")
+            invalid_query(name[:40], f"is not a parameter here (known: {known})")
 
 
 def _param(name: str) -> str | None:
@@ -168,9 +153,9 @@ def _param(name: str) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        _invalid_query(name, "is given more than once")
+        invalid_query(name, "is given more than once")
     if "\x00" in values[0]:
-        _invalid_query(name, "must not contain the NUL character")
+        invalid_query(name, "must not contain the NUL character")
     return values[0]
 
 
@@ -179,7 +164,7 @@ def _flag(name: str) -> bool:
     if raw is None:
         return False
     if raw not in _BOOLEANS:
-        _invalid_query(name, "must be true or false")
+        invalid_query(name, "must be true or false")
     return _BOOLEANS[raw]
 
 
@@ -188,7 +173,7 @@ def _limit() -> int:
     if raw is None:
         return DEFAULT_LIMIT
     if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        _invalid_query("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+        invalid_query("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 
 
@@ -229,8 +214,8 @@ def _check_values(value: Any) -> None:
             )
         elif isinstance(item, dict):
             for key, child in item.items():
-                stack.append((key, f"{pointer}/{_token(key)}"))
-                stack.append((child, f"{pointer}/{_token(key)}"))
+                stack.append((key, f"{pointer}/{pointer_token(key)}"))
+                stack.append((child, f"{pointer}/{pointer_token(key)}"))
         elif isinstance(item, list):
             stack.extend((child, f"{pointer}/{index}") for index, child in enumerate(item))
 
@@ -262,7 +247,12 @@ def _members(body: Mapping[str, Any], allowed: Sequence[str], pointer: str = "")
     unknown = [name for name in body if name not in allowed]
     if unknown:
         message = f"is not a member; use {', '.join(allowed)}"
-        _invalid([{"pointer": f"{pointer}/{_token(name)}", "message": message} for name in unknown])
+        _invalid(
+            [
+                {"pointer": f"{pointer}/{pointer_token(name)}", "message": message}
+                for name in unknown
+            ]
+        )
 
 
 def _list_member(body: Mapping[str, Any], name: str) -> list[Any]:
@@ -798,7 +788,7 @@ def _bulk_patch_items(items: list[Any]) -> list[tuple[uuid.UUID, dict[str, Any],
             continue
         errors.extend(
             {
-                "pointer": f"{at}/{_token(name)}",
+                "pointer": f"{at}/{pointer_token(name)}",
                 "message": "is not a member; use id, version, fields",
             }
             for name in item

@@ -18,35 +18,13 @@ import uuid
 import sqlalchemy as sa
 from flask import Blueprint, Response, jsonify, request
 
-from metacrm.runtime import audittrail, metastore, mfa, sessions
-from metacrm.runtime.api.context import RequestContext, platform, resolve
+from metacrm.runtime import audittrail, mfa, sessions
+from metacrm.runtime.api.context import RequestContext, platform
 from metacrm.runtime.api.problem import abort
-from metacrm.runtime.authz import capabilities
+from metacrm.runtime.api.users import user_admin
 from metacrm.runtime.control import Membership, User
 
 bp = Blueprint("security_api", __name__, url_prefix="/t/<tenant>/api/v1")
-
-MANAGE_USERS = "manage_users"
-
-
-def _admin(tenant: str) -> RequestContext:
-    """Return the context of a caller allowed to manage this tenant's users, or 403."""
-    context = resolve(tenant)
-    principal = context.principal
-    if principal.read_only:
-        abort(403, "forbidden", "Forbidden", "this API token is read-only")
-    if principal.token is not None and principal.token.entities is not None:
-        abort(403, "forbidden", "Forbidden", "this API token is limited to some entities")
-    with context.store.connect() as connection:
-        bundle = metastore.current(connection).bundle
-    if MANAGE_USERS not in capabilities(bundle, principal.membership.roles):
-        abort(
-            403,
-            "forbidden",
-            "Forbidden",
-            "managing users needs a role with the manage_users capability",
-        )
-    return context
 
 
 def _member(context: RequestContext, user_id: str) -> User:
@@ -71,7 +49,7 @@ def _member(context: RequestContext, user_id: str) -> User:
 @bp.get("/users/<user_id>/mfa")
 def get_mfa(tenant: str, user_id: str) -> Response:
     """Tell whether a member uses two-step sign-in and how many recovery codes remain."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     user = _member(context, user_id)
     with platform().session() as session:
         on = mfa.enabled(session, user.id)
@@ -82,7 +60,7 @@ def get_mfa(tenant: str, user_id: str) -> Response:
 @bp.delete("/users/<user_id>/mfa")
 def reset_mfa(tenant: str, user_id: str) -> tuple[str, int]:
     """Remove a member's second factor and end their sessions (audited)."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     user = _member(context, user_id)
     p = platform()
     actor = context.principal.user

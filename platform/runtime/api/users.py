@@ -61,7 +61,7 @@ def refuse(error: AccountError) -> NoReturn:
     abort(status, error.code, "The change was refused", error.message, errors=errors)
 
 
-def _admin(tenant: str) -> RequestContext:
+def user_admin(tenant: str) -> RequestContext:
     """Return the context of a caller allowed to manage this tenant's users, or 403.
 
     The capability is asked of the permission core (``authz.Access``), the one
@@ -142,7 +142,7 @@ def _root() -> str:
 @bp.get("/users")
 def list_users(tenant: str) -> Response:
     """List the tenant's members."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     with platform().session() as session:
         members = accounts.list_members(session, context.tenant.id)
     return jsonify({"items": [m.describe() for m in members]})
@@ -151,7 +151,7 @@ def list_users(tenant: str) -> Response:
 @bp.post("/users")
 def add_user(tenant: str) -> tuple[Response, int]:
     """Add a member: invite them by mail (or return the link when mail is off)."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     body = _object(MEMBER_FIELDS, ("email", "roles"))
     settings = platform().settings
     language = mail.language(_optional_text(body, "language"))
@@ -210,7 +210,7 @@ def _deliver_invitation(
 @bp.get("/users/<user_id>")
 def get_user(tenant: str, user_id: str) -> Response:
     """Show one member."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     with platform().session() as session:
         member = accounts.get_member(session, context.tenant.id, _user_id(user_id))
     if member is None:
@@ -221,7 +221,7 @@ def get_user(tenant: str, user_id: str) -> Response:
 @bp.patch("/users/<user_id>")
 def change_user(tenant: str, user_id: str) -> Response:
     """Change a member's roles, team or manager (any of them, in one transaction)."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     key = _user_id(user_id)
     body = _object(PATCH_FIELDS)
     try:
@@ -256,7 +256,7 @@ def reactivate_user(tenant: str, user_id: str) -> Response:
 
 
 def _state_change(tenant: str, user_id: str, change: Any) -> Response:
-    context = _admin(tenant)
+    context = user_admin(tenant)
     key = _user_id(user_id)
     try:
         with accounts.work(platform(), context.tenant, _actor(context)) as w:
@@ -272,7 +272,7 @@ def _state_change(tenant: str, user_id: str, change: Any) -> Response:
 @bp.post("/users/<user_id>/invitation")
 def reinvite_user(tenant: str, user_id: str) -> tuple[Response, int]:
     """Send a fresh invitation to a member who has not chosen a password yet."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     key = _user_id(user_id)
     language = mail.language(request.args.get("language"))
     hours = platform().settings.invitation_hours
@@ -291,7 +291,7 @@ def reinvite_user(tenant: str, user_id: str) -> tuple[Response, int]:
 @bp.get("/teams")
 def list_teams(tenant: str) -> Response:
     """List the tenant's teams with their parents and member counts."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     with platform().session() as session:
         return jsonify({"items": accounts.list_teams(session, context.tenant.id)})
 
@@ -307,7 +307,7 @@ def _team_json(context: RequestContext, name: str) -> dict[str, Any]:
 @bp.post("/teams")
 def create_team(tenant: str) -> tuple[Response, int]:
     """Create a team, optionally under a parent team."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     body = _object(TEAM_FIELDS, ("name", "label"))
     try:
         with accounts.work(platform(), context.tenant, _actor(context)) as w:
@@ -328,7 +328,7 @@ def _known_team(context: RequestContext, name: str) -> None:
 @bp.patch("/teams/<name>")
 def change_team(tenant: str, name: str) -> Response:
     """Rename a team's label and/or move it under another parent (null: top level)."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     _known_team(context, name)
     body = _object({"label", "parent"})
     try:
@@ -348,7 +348,7 @@ def change_team(tenant: str, name: str) -> Response:
 @bp.delete("/teams/<name>")
 def delete_team(tenant: str, name: str) -> Response:
     """Delete a team with no members and no sub-teams."""
-    context = _admin(tenant)
+    context = user_admin(tenant)
     _known_team(context, name)
     try:
         with accounts.work(platform(), context.tenant, _actor(context)) as w:
