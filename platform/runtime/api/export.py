@@ -53,6 +53,7 @@ from metacrm.metadata.expression import EvalContext
 from metacrm.runtime import audittrail, notifications, query
 from metacrm.runtime.api import records as records_api
 from metacrm.runtime.api.context import platform
+from metacrm.runtime.api.problem import invalid_query
 from metacrm.runtime.model import EntityModel, TenantModel
 from metacrm.runtime.recordview import SYSTEM_FIELDS
 from metacrm.runtime.store import TenantStore
@@ -129,10 +130,10 @@ def _encoder(kind: str, columns: Sequence[str], bom: bool) -> tuple[str, Encode]
 def _format() -> tuple[str, bool]:
     kind = records_api._param("format") or "csv"
     if kind not in FORMATS:
-        records_api._invalid_query("format", f"must be one of {', '.join(FORMATS)}")
+        invalid_query("format", f"must be one of {', '.join(FORMATS)}")
     bom = records_api._flag("bom")
     if bom and kind != "csv":
-        records_api._invalid_query("bom", "applies to format=csv only")
+        invalid_query("bom", "applies to format=csv only")
     return kind, bom
 
 
