@@ -24,6 +24,7 @@ from metacrm.runtime.web import account as account_web
 from metacrm.runtime.web import auth as web_auth
 from metacrm.runtime.web import operator as operator_web
 from metacrm.runtime.web import signin as signin_web
+from metacrm.runtime.web import tokens as tokens_web
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
@@ -64,6 +65,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(notifications_api.bp)
     app.register_blueprint(security_api.bp)
     app.register_blueprint(signin_web.bp)
+    app.register_blueprint(tokens_web.bp)
     return app
 
 

@@ -43,7 +43,7 @@ from metacrm.runtime.control import (
 )
 from metacrm.runtime.passwords import hash_password, password_problem
 from metacrm.runtime.platform import Platform
-from metacrm.runtime.tokens import revoke_user_tokens
+from metacrm.runtime.tokens import create_token, find_token, revoke_token, revoke_user_tokens
 
 MAX_EMAIL = 254
 MAX_DISPLAY_NAME = 200
@@ -838,6 +838,33 @@ def audit_token(w: Work, action: str, token: Any, user: User) -> None:
             "entities": token.entities,
         },
     )
+
+
+def issue_token(
+    w: Work,
+    user_id: uuid.UUID,
+    name: str,
+    read_only: bool,
+    expires_at: dt.datetime | None,
+    entities: Sequence[str] | None,
+) -> tuple[Any, str]:
+    """Create a member's token and audit ``token.created``; return it and its secret.
+
+    The API and the tokens page both call this after ``tokens.request_problems``
+    found nothing wrong, so a token is made and recorded the same way by either.
+    """
+    user = w.session.get_one(User, user_id)
+    token, secret = create_token(w.session, w.tenant, user, name, read_only, expires_at, entities)
+    audit_token(w, "token.created", token, user)
+    return token, secret
+
+
+def revoke_own_token(w: Work, user_id: uuid.UUID, token_id: str) -> Any | None:
+    """Revoke one of a member's tokens in this tenant (audited once); None when not theirs."""
+    token = find_token(w.session, w.tenant.id, token_id, user_id)
+    if token is not None and revoke_token(token):
+        audit_token(w, "token.revoked", token, w.session.get_one(User, token.user_id))
+    return token
 
 
 def entity_names(bundle: Mapping[str, Any]) -> Iterable[str]:

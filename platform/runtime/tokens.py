@@ -67,6 +67,36 @@ def scope_problems(
     return problems
 
 
+def request_problems(
+    name: str,
+    entities: Sequence[str] | None,
+    expires_days: int | None,
+    known_entities: Iterable[str] | None,
+    caller: ApiToken | None = None,
+) -> tuple[list[TokenError], dt.datetime | None]:
+    """Check a token request from the API or the tokens page; return its problems and expiry.
+
+    ``caller`` is the token the request came with, if any: a token never mints a
+    broader one (more entities, or a later expiry). One function for both doors,
+    so the page cannot accept what the API refuses.
+    """
+    problems = scope_problems(name, entities, expires_days, known_entities)
+    days_ok = expires_days is not None and 1 <= expires_days <= MAX_DAYS
+    expires = utcnow() + dt.timedelta(days=expires_days) if days_ok and expires_days else None
+    if caller is not None:
+        if caller.entities is not None and (
+            entities is None or not set(entities) <= set(caller.entities)
+        ):
+            problems.append(
+                TokenError("a token limited to some entities creates only such tokens", "entities")
+            )
+        if caller.expires_at is not None and (expires is None or expires > caller.expires_at):
+            problems.append(
+                TokenError("a token cannot create one that outlives it", "expires_days")
+            )
+    return problems, expires
+
+
 def create_token(
     session: Session,
     tenant: Tenant,

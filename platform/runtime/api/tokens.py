@@ -8,7 +8,6 @@ entities or to an expiry date only creates tokens within those limits.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -16,7 +15,6 @@ from flask import Blueprint, Response, jsonify
 from metacrm.runtime import accounts, tokens
 from metacrm.runtime.api.context import RequestContext, platform, resolve
 from metacrm.runtime.api.problem import abort, read_json
-from metacrm.runtime.control import User
 
 bp = Blueprint("tokens_api", __name__, url_prefix="/t/<tenant>/api/v1/tokens")
 
@@ -71,30 +69,22 @@ def create_own_token(tenant: str) -> tuple[Response, int]:
     if days is not None and (isinstance(days, bool) or not isinstance(days, int)):
         errors.append(("expires_days", "must be a whole number of days or null"))
         days = None
-    caller = context.principal.token
-    expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=days) if days and days > 0 else None
-    if caller is not None:
-        if caller.entities is not None and (
-            entities is None or not set(entities) <= set(caller.entities)
-        ):
-            errors.append(("entities", "a token limited to some entities creates only such tokens"))
-        if caller.expires_at is not None and (expires is None or expires > caller.expires_at):
-            errors.append(("expires_days", "a token cannot create one that outlives it"))
     with context.store.connect() as connection:
         from metacrm.runtime import metastore
 
         known = accounts.entity_names(metastore.current(connection).bundle)
     text = name if isinstance(name, str) else ""
-    errors += [(p.field, str(p)) for p in tokens.scope_problems(text, entities, days, known)]
+    problems, expires = tokens.request_problems(
+        text, entities, days, known, context.principal.token
+    )
+    errors += [(p.field, str(p)) for p in problems]
     if errors:
         _invalid(errors)
     actor = accounts.Actor(context.principal.user.id, context.principal.user.email)
     with accounts.work(platform(), context.tenant, actor) as w:
-        user = w.session.get_one(User, context.principal.user.id)
-        token, secret = tokens.create_token(
-            w.session, w.tenant, user, name, read_only, expires, entities
+        token, secret = accounts.issue_token(
+            w, context.principal.user.id, text, read_only, expires, entities
         )
-        accounts.audit_token(w, "token.created", token, user)
         result: dict[str, Any] = {**tokens.describe(token), "token": secret}
     return jsonify(result), 201
 
@@ -106,9 +96,6 @@ def revoke_own_token(tenant: str, token_id: str) -> Response:
     principal = context.principal
     actor = accounts.Actor(principal.user.id, principal.user.email)
     with accounts.work(platform(), context.tenant, actor) as w:
-        token = tokens.find_token(w.session, w.tenant.id, token_id, principal.user.id)
-        if token is None:
+        if accounts.revoke_own_token(w, principal.user.id, token_id) is None:
             abort(404, "not_found", "Not Found", "you have no such token in this tenant")
-        if tokens.revoke_token(token):
-            accounts.audit_token(w, "token.revoked", token, w.session.get_one(User, token.user_id))
     return Response(status=204)
