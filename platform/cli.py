@@ -501,7 +501,7 @@ def token_create(
             member = _member(w, email)
             if not member.membership.is_active or not member.user.is_active:
                 _fail(f"{member.user.email} is deactivated in '{slug}'")
-            problems = tokens.scope_problems(
+            problems, expires = tokens.request_problems(
                 name,
                 list(entities) if entities else None,
                 expires_days,
@@ -509,19 +509,9 @@ def token_create(
             )
             if problems:
                 _fail("; ".join(f"{_TOKEN_OPTIONS[p.field]}: {p}" for p in problems))
-            expires = None
-            if expires_days:
-                expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=expires_days)
-            item, secret = tokens.create_token(
-                w.session,
-                w.tenant,
-                member.user,
-                name,
-                read_only,
-                expires,
-                list(entities) if entities else None,
+            _, secret = accounts.issue_token(
+                w, member.user.id, name, read_only, expires, list(entities) if entities else None
             )
-            accounts.audit_token(w, "token.created", item, member.user)
     except accounts.AccountError as exc:
         _fail(f"{exc.message}; nothing was changed")
     click.echo(secret)
