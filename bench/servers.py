@@ -237,8 +237,15 @@ class Client:
         if body is not None:
             payload = json.dumps(body).encode()
             all_headers["Content-Type"] = "application/json"
-        self.connection.request(method, path, body=payload, headers=all_headers)
-        response = self.connection.getresponse()
+        try:
+            self.connection.request(method, path, body=payload, headers=all_headers)
+            response = self.connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed an idle keep-alive connection (after its keep-alive time,
+            # e.g. while wrk ran): open a new one and send the request again, once.
+            self.connection.close()
+            self.connection.request(method, path, body=payload, headers=all_headers)
+            response = self.connection.getresponse()
         data = response.read()
         return response.status, data, response
 
