@@ -13,6 +13,7 @@ from metacrm.runtime import ratelimit
 from metacrm.runtime import settings as settings_module
 from metacrm.runtime.api import audit as audit_api
 from metacrm.runtime.api import export as export_api
+from metacrm.runtime.api import imports as imports_api
 from metacrm.runtime.api import meta, openapi, problem, service
 from metacrm.runtime.api import notifications as notifications_api
 from metacrm.runtime.api import records as records_api
@@ -56,6 +57,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(meta.bp)
     app.register_blueprint(records_api.bp)
     app.register_blueprint(export_api.bp)
+    app.register_blueprint(imports_api.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(users_api.bp)
     app.register_blueprint(tokens_api.bp)

@@ -681,8 +681,13 @@ def create_many(
     cipher: FieldCipher,
     *,
     bulk: bool = False,
+    returning: bool = True,
 ) -> list[dict[str, Any]]:
-    """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``."""
+    """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``.
+
+    Without ``returning`` the records are not read back (an import needs only how
+    many): each answer is ``{"id": ...}``.
+    """
     c = _context(connection, model, entity, caller, cipher)
     prepared: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, str]] = []
@@ -747,6 +752,8 @@ def create_many(
             changes["owner_id"] = [None, json_value(row["owner_id"])]
         entries.append((record_id, changes))
     _log_many(c, "create", entries, 1)
+    if not returning:
+        return [{"id": str(record_id)} for _, record_id in created]
     shown_model, shown = _shown(c)
     return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
 

@@ -50,6 +50,7 @@ class Settings:
     redis_url: str = ""
     secret_key: str = ""
     max_request_bytes: int = 5 * 1024 * 1024
+    max_import_bytes: int = 50 * 1024 * 1024
     ddl_lock_timeout_ms: int = 50
     pool_size: int = 5
     host: str = "127.0.0.1"
@@ -237,8 +238,9 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
         )
     if settings.mass_export_rows < 0:
         raise SettingsError("setting mass_export_rows: must be 0 or more")
-    if settings.max_request_bytes < 1024:
-        raise SettingsError("setting max_request_bytes: must be at least 1024")
+    for key in ("max_request_bytes", "max_import_bytes"):
+        if getattr(settings, key) < 1024:
+            raise SettingsError(f"setting {key}: must be at least 1024")
     if not settings.secret_key:
         if settings.env == "production":
             raise SettingsError(

@@ -20,7 +20,7 @@ from flask import Blueprint, Response, jsonify
 
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.model import FieldDef
-from metacrm.runtime import query, search
+from metacrm.runtime import importer, query, search
 from metacrm.runtime.api import idempotency, records, reference
 from metacrm.runtime.api.context import access, platform, resolve
 from metacrm.runtime.model import EntityModel, TenantModel
@@ -674,6 +674,73 @@ def _entity_paths(model: TenantModel, entity: EntityModel) -> dict[str, Any]:
                 },
             }
         },
+        f"{base}/import": {
+            "post": {
+                "tags": [tag],
+                "operationId": f"import_{name}",
+                "summary": f"Import {label}",
+                "description": "Create records from a CSV or JSON Lines file, all or none, "
+                "through the same checks as a create (needs the `import` and `create` "
+                "actions); audited. CSV columns are field API names or labels; errors name "
+                "the file's `row` and point at `/rows/<row>/<field>`.",
+                "parameters": [
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "description": "`csv` or `jsonl`; by default from the Content-Type.",
+                        "schema": {"type": "string", "enum": list(importer.FORMATS)},
+                    },
+                    {
+                        "name": "encoding",
+                        "in": "query",
+                        "description": "`utf-8` (default; a byte order mark is skipped) or "
+                        "`gb18030` (files saved by a Chinese Excel).",
+                        "schema": {
+                            "type": "string",
+                            "enum": list(importer.ENCODINGS),
+                            "default": "utf-8",
+                        },
+                    },
+                    {
+                        "name": "delimiter",
+                        "in": "query",
+                        "description": "CSV only: `,` (default), `;` or `tab`.",
+                        "schema": {
+                            "type": "string",
+                            "enum": list(importer.DELIMITERS),
+                            "default": ",",
+                        },
+                    },
+                    {
+                        "name": "dry_run",
+                        "in": "query",
+                        "description": "true: check every row, store nothing (answers 200).",
+                        "schema": {"type": "boolean", "default": False},
+                    },
+                    _param("idempotency_key"),
+                ],
+                "requestBody": {
+                    "required": True,
+                    "description": "The file.",
+                    "content": {
+                        "text/csv": {"schema": {"type": "string"}},
+                        "application/x-ndjson": {"schema": {"type": "string"}},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Dry run: every row passed; nothing was stored.",
+                        "content": _json(_ref("ImportResult")),
+                    },
+                    "201": {
+                        "description": "Imported.",
+                        "headers": _REPLAYED_HEADER,
+                        "content": _json(_ref("ImportResult")),
+                    },
+                    **_problems(400, 401, 403, 404, 413, 415, 422, 503),
+                },
+            }
+        },
         one: {
             "parameters": [_param("id")],
             "get": {
@@ -883,6 +950,28 @@ def _document(model: TenantModel, slug: str, tenant_name: str) -> dict[str, Any]
             "properties": {
                 "count": {"type": "integer", "minimum": 0},
                 "exact": {"type": "boolean", "description": "false: the count is an estimate."},
+            },
+            "additionalProperties": False,
+        },
+        "ImportResult": {
+            "type": "object",
+            "required": ["entity", "format", "dry_run", "rows", "created", "columns"],
+            "properties": {
+                "entity": {"type": "string"},
+                "format": {"type": "string", "enum": list(importer.FORMATS)},
+                "dry_run": {"type": "boolean"},
+                "rows": {"type": "integer", "minimum": 0, "description": "Records read."},
+                "created": {"type": "integer", "minimum": 0, "description": "0 on a dry run."},
+                "columns": {
+                    "type": "object",
+                    "description": "CSV: each used column's header and the field it fills.",
+                    "additionalProperties": {"type": "string"},
+                },
+                "ignored_columns": {
+                    "type": "array",
+                    "description": "CSV: columns of system values and computed fields.",
+                    "items": {"type": "string"},
+                },
             },
             "additionalProperties": False,
         },

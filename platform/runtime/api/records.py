@@ -72,13 +72,16 @@ _TRANSIENT_SQLSTATES = ("40P01", "40001", "55P03")
 # -- request parsing ------------------------------------------------------------------------
 
 
-def _context(tenant: str, write: bool = False) -> RequestContext:
-    """Authenticate first, so nothing about a request is answered to a stranger."""
+def _context(tenant: str, write: bool = False, parameters: Sequence[str] = ()) -> RequestContext:
+    """Authenticate first, so nothing about a request is answered to a stranger.
+
+    A write takes no query parameters but ``parameters``.
+    """
     context = resolve(tenant)
     if write:
         if context.principal.read_only:
             abort(403, "forbidden", "Forbidden", "this API token is read-only")
-        _only()
+        _only(*parameters)
     return context
 
 
@@ -449,13 +452,14 @@ def _write(
     pointer: Callable[[str], str] = lambda p: p,
     replayable: bool = False,
     permission: str = "update",
+    parameters: Sequence[str] = (),
 ) -> Response:
     """Run one write in one transaction, with Idempotency-Key when ``replayable``.
 
     ``permission`` is the action the caller needs on the entity: refused with 403
     before anything is written; its scope is the WHERE condition of the write.
     """
-    context = _context(tenant, write=True)
+    context = _context(tenant, write=True, parameters=parameters)
     key = idempotency.requested_key() if replayable else None
     try:
         with context.store.begin(immediate=True) as connection:

@@ -234,6 +234,13 @@ def test_too_small_max_request_bytes_is_refused(tmp_path):
     refused(tmp_path, "max_request_bytes", overrides={"max_request_bytes": 100})
 
 
+def test_max_import_bytes_defaults_to_50_mib_and_refuses_tiny_values(tmp_path):
+    assert load(tmp_path).max_import_bytes == 50 * 1024 * 1024
+    environ = {"METACRM_MAX_IMPORT_BYTES": "1048576"}
+    assert load(tmp_path, environ=environ).max_import_bytes == 1048576
+    refused(tmp_path, "max_import_bytes", environ={"METACRM_MAX_IMPORT_BYTES": "1000"})
+
+
 def test_mass_export_rows_defaults_to_1000_and_refuses_negatives(tmp_path):
     assert load(tmp_path).mass_export_rows == 1000
     assert load(tmp_path, environ={"METACRM_MASS_EXPORT_ROWS": "0"}).mass_export_rows == 0

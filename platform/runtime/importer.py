@@ -1,0 +1,432 @@
+"""Record import: a CSV or JSON Lines file becomes records through the record service.
+
+An import is a bulk create with a file's manners, and nothing more privileged:
+every row goes through :func:`metacrm.runtime.records.create_many` (the same
+validation, field-level security, owner scope, unique and reference checks,
+audit entry and outbox event as ``POST /records/<entity>``), in batches of
+:data:`BATCH` rows inside one transaction. Either every row is stored or none:
+
+- a refused batch is rolled back to its savepoint and the next batches are
+  still checked, so one answer lists the problems of the whole file (up to
+  :data:`MAX_ERRORS`; the import stops looking after that many);
+- a dry run checks every row the same way, then rolls everything back.
+
+Errors name the row as a person sees it in a spreadsheet: ``row`` is the
+file's line where the record starts (the CSV header is line 1, so the first
+record is row 2; in JSON Lines the first line is row 1), and ``pointer`` is
+``/rows/<row>/<field>``.
+
+CSV columns are matched to fields by API name, then by the English label
+(without regard to case) or the Chinese label, among the fields the caller may
+see: a hidden field's name or label is "not a field", exactly like a field that
+does not exist. Columns of system values (``id``, ``created_at`` …) and of
+computed fields (formulas, auto-numbers) are ignored, so an export can be
+imported again; ``owner_id`` is kept and assigned within the caller's scope.
+Cells are text and become the types the API takes: whole numbers, ``true`` /
+``false`` (also ``yes``/``no``, ``1``/``0``, ``是``/``否``), lists as a JSON
+array or ``;``-separated items, JSON values as JSON text. An empty cell leaves
+the field out (its default applies). A cell that an export defused with a
+leading ``'`` (``'=SUM(A1)``) is read back without it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import difflib
+import io
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from metacrm.metadata import jsondoc
+from metacrm.metadata.fieldtypes import get as field_type
+from metacrm.metadata.model import FieldDef
+from metacrm.runtime import records
+from metacrm.runtime.crypto import FieldCipher
+from metacrm.runtime.model import EntityModel, TenantModel
+from metacrm.runtime.recordschema import COMPUTED_TYPES
+from metacrm.runtime.recordview import SYSTEM_FIELDS
+
+FORMATS = ("csv", "jsonl")
+ENCODINGS = ("utf-8", "gb18030")
+#: What the ``delimiter`` parameter may name, and the character it means.
+DELIMITERS = {",": ",", ";": ";", "tab": "\t"}
+#: Rows per ``create_many`` call: big enough that round trips do not dominate.
+BATCH = 500
+#: Problems listed in one answer; the import stops looking after this many.
+MAX_ERRORS = 100
+MAX_COLUMNS = 500
+#: Longest cell (and JSON Lines line) in characters.
+MAX_CELL = 1_000_000
+#: System columns an import never writes (``owner_id`` is assigned through the service).
+IGNORED_SYSTEM = tuple(name for name in SYSTEM_FIELDS if name != "owner_id")
+#: Cell text a spreadsheet would read as a formula; exports prefix it with ``'``.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
+_TRUE = frozenset({"true", "yes", "y", "1", "是", "真"})
+_FALSE = frozenset({"false", "no", "n", "0", "否", "假"})
+
+
+class UnreadableFile(Exception):
+    """The file cannot be read at all (its encoding, its header); ``errors`` says where."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(e["message"] for e in errors))
+        self.errors = errors
+
+
+class ImportRefused(Exception):
+    """Rows were refused and nothing was stored; ``errors`` lists them, ``total`` counts them."""
+
+    def __init__(self, errors: list[dict[str, Any]], rows_read: int, complete: bool) -> None:
+        super().__init__(f"{len(errors)} problem(s) in {rows_read} row(s)")
+        self.errors = errors
+        self.rows_read = rows_read
+        #: False when the import stopped looking after MAX_ERRORS problems.
+        self.complete = complete
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record of the file: where it starts, and its payload for the record service."""
+
+    number: int
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A row that could not be turned into a payload (a cell or a JSON line)."""
+
+    number: int
+    errors: list[dict[str, Any]]
+
+
+@dataclass
+class ColumnMap:
+    """How a CSV header maps to the entity: a field name per column (None: ignored)."""
+
+    fields: list[str | None]
+    #: Header text of each used column -> its field.
+    used: dict[str, str] = field(default_factory=dict)
+    #: Header text of the columns left out (system values, computed fields).
+    ignored: list[str] = field(default_factory=list)
+
+
+# -- reading the file ---------------------------------------------------------------------
+
+
+def decode(data: bytes, encoding: str) -> str:
+    """Return the file's text, or raise UnreadableFile naming the first undecodable byte."""
+    if encoding == "utf-8":
+        encoding = "utf-8-sig"  # Excel's "CSV UTF-8" starts with a byte order mark
+    try:
+        text = codecs.decode(data, encoding)
+    except UnicodeDecodeError as exc:
+        hint = (
+            "; save the file as UTF-8 (Excel: 'CSV UTF-8'), or send encoding=gb18030 "
+            "for a file saved by a Chinese version of Excel"
+            if encoding.startswith("utf-8")
+            else ""
+        )
+        raise UnreadableFile(
+            [
+                {
+                    "pointer": "/",
+                    "message": f"byte {exc.start} is not valid {encoding.removesuffix('-sig')}"
+                    + hint,
+                }
+            ]
+        ) from None
+    return text
+
+
+def _label_index(entity: EntityModel, writable: Sequence[FieldDef]) -> dict[str, str]:
+    """Map API names and labels (English folded, Chinese as written) to field names."""
+    found: dict[str, str] = {}
+    for f in writable:
+        label = f.label if isinstance(f.label, Mapping) else {}
+        for key in (label.get("zh-CN"), (label.get("en") or "").casefold()):
+            if key:
+                found.setdefault(key.strip(), f.name)
+    for f in writable:
+        found[f.name] = f.name  # an API name always wins over another field's label
+    return found
+
+
+def map_columns(entity: EntityModel, header: Sequence[str]) -> ColumnMap:
+    """Match a CSV header to the entity's fields, or raise UnreadableFile listing every problem.
+
+    ``entity`` is the caller's view of it, so hidden fields are not there to match.
+    """
+    if not header or not any(cell.strip() for cell in header):
+        raise UnreadableFile(
+            [{"pointer": "/rows/1", "message": "the first line must name the columns"}]
+        )
+    if len(header) > MAX_COLUMNS:
+        raise UnreadableFile(
+            [{"pointer": "/rows/1", "message": f"has {len(header)} columns; at most {MAX_COLUMNS}"}]
+        )
+    active = list(entity.entity.active_fields())
+    computed = {f.name for f in active if f.type in COMPUTED_TYPES}
+    names = _label_index(entity, [f for f in active if f.type not in COMPUTED_TYPES])
+    known = sorted(names)
+    fields: list[str | None] = []
+    ignored: list[str] = []
+    errors: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(header, start=1):
+        title = raw.strip()
+        at = f"/columns/{index}"
+        if not title:
+            errors.append({"pointer": at, "column": index, "message": "the column has no name"})
+            fields.append(None)
+            continue
+        if title in IGNORED_SYSTEM or title in computed:
+            ignored.append(title)
+            fields.append(None)
+            continue
+        name = "owner_id" if title == "owner_id" else names.get(title, names.get(title.casefold()))
+        if name is None:
+            close = difflib.get_close_matches(title, known, 1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            errors.append(
+                {
+                    "pointer": at,
+                    "column": index,
+                    "message": f"'{title[:80]}' is not a field of '{entity.name}'{hint}",
+                }
+            )
+            fields.append(None)
+            continue
+        if name in seen:
+            errors.append(
+                {
+                    "pointer": at,
+                    "column": index,
+                    "message": f"'{title[:80]}' is the field '{name}' again "
+                    f"(column {seen[name]} already is)",
+                }
+            )
+            fields.append(None)
+            continue
+        seen[name] = index
+        fields.append(name)
+    if errors:
+        raise UnreadableFile(errors)
+    used = {t.strip(): n for t, n in zip(header, fields, strict=True) if n is not None}
+    return ColumnMap(fields, used, ignored)
+
+
+def _undefused(text: str) -> str:
+    if text.startswith("'") and text[1:2] and text[1] in _FORMULA_START:
+        return text[1:]
+    return text
+
+
+def cell_value(f: FieldDef | None, text: str) -> Any:
+    """Turn one CSV cell into the value the API takes for the field; never raises.
+
+    A cell that does not fit stays text, and the record service refuses it with
+    the message the API gives (``must be a whole number``).
+    """
+    text = _undefused(text)
+    if f is None:  # owner_id
+        return text.strip()
+    kind = field_type(f.type).value_type
+    plain = text.strip()
+    if kind == "INTEGER":
+        return int(plain) if _INTEGER.fullmatch(plain) else text
+    if kind == "BOOLEAN":
+        folded = plain.casefold()
+        if folded in _TRUE:
+            return True
+        if folded in _FALSE:
+            return False
+        return text
+    if kind == "LIST":
+        if plain.startswith("["):
+            try:
+                return jsondoc.loads(plain, max_bytes=len(plain.encode()) + 1)
+            except jsondoc.DocumentError:
+                return text
+        return [item.strip() for item in plain.split(";") if item.strip()]
+    if kind == "JSON" or f.type == "related_to":
+        if f.type == "related_to" and ":" in plain and not plain.startswith("{"):
+            target, _, record_id = plain.partition(":")
+            return {"entity": target.strip(), "id": record_id.strip()}
+        try:
+            return jsondoc.loads(plain, max_bytes=len(plain.encode()) + 1)
+        except jsondoc.DocumentError:
+            return text
+    if kind in ("DECIMAL", "DATE", "DATETIME", "UUID") or f.type == "single_select":
+        return plain
+    return text
+
+
+def csv_rows(
+    entity: EntityModel, text: str, delimiter: str = ","
+) -> tuple[ColumnMap, Iterator[Row | RowProblem]]:
+    """Return the header's mapping and the file's records as payloads.
+
+    Raises UnreadableFile at once for a header that does not fit; problems of single
+    rows come out of the iterator as :class:`RowProblem` so that every one is told.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader, [])
+    except csv.Error as exc:
+        raise UnreadableFile([{"pointer": "/rows/1", "message": f"line 1: {exc}"}]) from None
+    mapping = map_columns(entity, header)
+    fields = {f.name: f for f in entity.entity.active_fields()}
+    width = len(header)
+
+    def rows() -> Iterator[Row | RowProblem]:
+        while True:
+            number = reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": str(exc)}])
+                return  # the reader cannot find the next record after a broken quote
+            if not any(cells):
+                continue  # a blank line
+            if len(cells) != width:
+                message = f"has {len(cells)} cells; the header has {width} columns"
+                yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": message}])
+                continue
+            payload: dict[str, Any] = {}
+            problems = []
+            for name, cell in zip(mapping.fields, cells, strict=True):
+                if name is None or cell == "":
+                    continue
+                if "\x00" in cell or len(cell) > MAX_CELL:
+                    problems.append(
+                        {
+                            "pointer": f"/rows/{number}/{name}",
+                            "message": "must not contain the NUL character"
+                            if "\x00" in cell
+                            else f"is longer than {MAX_CELL} characters",
+                        }
+                    )
+                    continue
+                payload[name] = cell_value(fields.get(name), cell)
+            yield RowProblem(number, problems) if problems else Row(number, payload)
+
+    return mapping, rows()
+
+
+def jsonl_rows(text: str) -> Iterator[Row | RowProblem]:
+    """Return the records of a JSON Lines file (one JSON object a line) as payloads."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        at = f"/rows/{number}"
+        if len(line) > MAX_CELL:
+            yield RowProblem(
+                number, [{"pointer": at, "message": f"is longer than {MAX_CELL} characters"}]
+            )
+            continue
+        try:
+            value = jsondoc.loads(line, max_bytes=len(line.encode()) + 1)
+        except jsondoc.DocumentError as exc:
+            yield RowProblem(number, [{"pointer": at, "message": f"is not acceptable JSON: {exc}"}])
+            continue
+        if not isinstance(value, dict):
+            yield RowProblem(number, [{"pointer": at, "message": "must be a JSON object"}])
+            continue
+        for name in IGNORED_SYSTEM:
+            value.pop(name, None)  # an exported line carries them; they are the platform's
+        yield Row(number, value)
+
+
+# -- storing ------------------------------------------------------------------------------
+
+
+def _row_errors(rows: Sequence[Row], errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Map the service's bulk pointers (``/3/name``) to the file's rows (``/rows/42/name``)."""
+    mapped = []
+    for error in errors:
+        index, _, rest = str(error.get("pointer", "")).lstrip("/").partition("/")
+        if index.isdigit() and int(index) < len(rows):
+            number = rows[int(index)].number
+            pointer = f"/rows/{number}/{rest}" if rest else f"/rows/{number}"
+            mapped.append({"pointer": pointer, "row": number, "message": error["message"]})
+        else:
+            mapped.append(dict(error))
+    return mapped
+
+
+def import_rows(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    rows: Iterable[Row | RowProblem],
+    caller: records.Caller,
+    cipher: FieldCipher,
+    *,
+    dry_run: bool = False,
+    batch: int = BATCH,
+) -> tuple[int, int]:
+    """Create the rows' records, all or none; return (rows read, records created).
+
+    Runs inside the caller's transaction, in a savepoint of its own: a refusal
+    (:class:`ImportRefused`) or a dry run leaves the transaction as it found it.
+    """
+    savepoint = connection.begin_nested()
+    errors: list[dict[str, Any]] = []
+    read = created = 0
+    pending: list[Row] = []
+    complete = True
+
+    def flush() -> None:
+        nonlocal created
+        if not pending:
+            return
+        try:
+            made = records.create_many(
+                connection,
+                model,
+                entity,
+                [row.payload for row in pending],
+                caller,
+                cipher,
+                bulk=True,
+                returning=False,
+            )
+            created += len(made)
+        except records.RecordInvalid as exc:
+            errors.extend(_row_errors(pending, exc.errors))
+        pending.clear()
+
+    try:
+        for row in rows:
+            if len(errors) >= MAX_ERRORS:
+                complete = False
+                break
+            read += 1
+            if isinstance(row, RowProblem):
+                errors.extend({**e, "row": row.number} for e in row.errors)
+                continue
+            pending.append(row)
+            if len(pending) >= batch:
+                flush()
+        if complete:
+            flush()
+    except BaseException:
+        savepoint.rollback()
+        raise
+    if errors:
+        savepoint.rollback()
+        raise ImportRefused(errors[:MAX_ERRORS], read, complete)
+    if dry_run:
+        savepoint.rollback()
+    else:
+        savepoint.commit()
+    return read, 0 if dry_run else created
