@@ -96,9 +96,27 @@ def create_engine(url: str, pool_size: int = 5, echo: bool = False) -> Engine:
         )
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
+    # No pre-ping: it is a round trip on every checkout, and an API request checks out
+    # twice (control and tenant). A connection that died with its server fails its
+    # statement instead; SQLAlchemy then invalidates the whole pool, and the request is
+    # answered 503 ``unavailable`` with Retry-After (decision record 0009).
     return sa.create_engine(
-        parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
+        parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=False
     )
+
+
+def for_reads(connection: sa.Connection) -> sa.Connection:
+    """Return the connection set up for statements that only read and need no transaction.
+
+    On PostgreSQL each statement then commits by itself: no BEGIN and ROLLBACK
+    round trips, which a request that reads once would otherwise pay twice (the
+    pool puts the connection's isolation back when it is returned). SQLite's
+    deferred BEGIN happens in-process and costs nothing, so it stays. Never
+    write through such a connection: nothing would make two writes atomic.
+    """
+    if connection.dialect.name == "postgresql":
+        return connection.execution_options(isolation_level="AUTOCOMMIT")
+    return connection
 
 
 def is_sqlite(bind: sa.Connection | Engine) -> bool:

@@ -34,11 +34,10 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
-import io
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy.engine import Connection
 
@@ -158,10 +157,14 @@ def _label_index(entity: EntityModel, writable: Sequence[FieldDef]) -> dict[str,
     return found
 
 
-def map_columns(entity: EntityModel, header: Sequence[str]) -> ColumnMap:
+def map_columns(
+    entity: EntityModel, header: Sequence[str], skip: Collection[str] = ()
+) -> ColumnMap:
     """Match a CSV header to the entity's fields, or raise UnreadableFile listing every problem.
 
     ``entity`` is the caller's view of it, so hidden fields are not there to match.
+    Columns whose header text is in ``skip`` are left out, as a person leaves a
+    spreadsheet column unmapped; naming a column the file does not have is an error.
     """
     if not header or not any(cell.strip() for cell in header):
         raise UnreadableFile(
@@ -179,6 +182,12 @@ def map_columns(entity: EntityModel, header: Sequence[str]) -> ColumnMap:
     ignored: list[str] = []
     errors: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
+    titles = {raw.strip() for raw in header}
+    errors.extend(
+        {"pointer": "/skip", "message": f"'{name[:80]}' is not a column of the file"}
+        for name in skip
+        if name not in titles
+    )
     for index, raw in enumerate(header, start=1):
         title = raw.strip()
         at = f"/columns/{index}"
@@ -186,7 +195,7 @@ def map_columns(entity: EntityModel, header: Sequence[str]) -> ColumnMap:
             errors.append({"pointer": at, "column": index, "message": "the column has no name"})
             fields.append(None)
             continue
-        if title in IGNORED_SYSTEM or title in computed:
+        if title in skip or title in IGNORED_SYSTEM or title in computed:
             ignored.append(title)
             fields.append(None)
             continue
@@ -269,19 +278,20 @@ def cell_value(f: FieldDef | None, text: str) -> Any:
 
 
 def csv_rows(
-    entity: EntityModel, text: str, delimiter: str = ","
+    entity: EntityModel, source: TextIO, delimiter: str = ",", skip: Collection[str] = ()
 ) -> tuple[ColumnMap, Iterator[Row | RowProblem]]:
-    """Return the header's mapping and the file's records as payloads.
+    """Return the header's mapping and the file's records as payloads, read as they are used.
 
+    ``source`` is text opened with ``newline=""`` (a file or ``io.StringIO``).
     Raises UnreadableFile at once for a header that does not fit; problems of single
     rows come out of the iterator as :class:`RowProblem` so that every one is told.
     """
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(source, delimiter=delimiter, strict=True)
     try:
         header = next(reader, [])
     except csv.Error as exc:
         raise UnreadableFile([{"pointer": "/rows/1", "message": f"line 1: {exc}"}]) from None
-    mapping = map_columns(entity, header)
+    mapping = map_columns(entity, header, skip)
     fields = {f.name: f for f in entity.entity.active_fields()}
     width = len(header)
 
@@ -322,9 +332,9 @@ def csv_rows(
     return mapping, rows()
 
 
-def jsonl_rows(text: str) -> Iterator[Row | RowProblem]:
+def jsonl_rows(lines: Iterable[str]) -> Iterator[Row | RowProblem]:
     """Return the records of a JSON Lines file (one JSON object a line) as payloads."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         at = f"/rows/{number}"

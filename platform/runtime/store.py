@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from metacrm.metadata.coltypes import JSONValue, UTCDateTime
+from metacrm.runtime.database import for_reads
 
 PLATFORM = sa.MetaData()
 
@@ -271,6 +272,12 @@ class TenantStore:
         """Yield a connection that names this tenant's schema in every statement."""
         with self.engine.connect() as connection:
             yield self._options(connection)
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """Yield a connection for a request that only reads (see ``database.for_reads``)."""
+        with self.engine.connect() as connection:
+            yield self._options(for_reads(connection))
 
     @contextmanager
     def begin(self, immediate: bool = False) -> Iterator[Connection]:

@@ -199,6 +199,16 @@ def describe(token: ApiToken) -> dict[str, Any]:
 
 def authenticate(session: Session, presented: str) -> Principal | None:
     """Return the principal a bearer token stands for (in the token's own tenant), or None."""
+    found = authenticate_with_tenant(session, presented)
+    return found[0] if found is not None else None
+
+
+def authenticate_with_tenant(session: Session, presented: str) -> tuple[Principal, Tenant] | None:
+    """Return the principal a bearer token stands for and the token's tenant, or None.
+
+    One statement reads the token, its user, the membership and the tenant: this
+    runs on every API request, where each round trip to the control database counts.
+    """
     if not presented.startswith(PREFIX) or len(presented) > 200:
         return None
     token_id, _, secret = presented[len(PREFIX) :].partition("_")
@@ -206,22 +216,29 @@ def authenticate(session: Session, presented: str) -> Principal | None:
         key = uuid.UUID(hex=token_id)
     except ValueError:
         return None
-    token = session.get(ApiToken, key)
-    if token is None or not hmac.compare_digest(token.secret_hash, _digest(secret)):
+    row = session.execute(
+        sa.select(ApiToken, User, Membership, Tenant)
+        .join(User, User.id == ApiToken.user_id)
+        .join(
+            Membership,
+            sa.and_(Membership.user_id == User.id, Membership.tenant_id == ApiToken.tenant_id),
+        )
+        .join(Tenant, Tenant.id == ApiToken.tenant_id)
+        .where(ApiToken.id == key)
+    ).first()
+    if row is None:
+        return None
+    token, user, membership, tenant = row
+    if not hmac.compare_digest(token.secret_hash, _digest(secret)):
         return None
     now = utcnow()
     if token.revoked_at is not None:
         return None
     if token.expires_at is not None and token.expires_at <= now:
         return None
-    row = session.execute(
-        sa.select(User, Membership)
-        .join(Membership, Membership.user_id == User.id)
-        .where(User.id == token.user_id, Membership.tenant_id == token.tenant_id)
-    ).first()
-    if row is None or not row.User.is_active or not row.Membership.is_active:
+    if not user.is_active or not membership.is_active:
         return None
-    return Principal(row.User, row.Membership, token=token)
+    return Principal(user, membership, token=token), tenant
 
 
 def record_use(engine: sa.Engine, token: ApiToken) -> None:

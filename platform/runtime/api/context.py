@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session
 from metacrm.runtime import authz, sessions
 from metacrm.runtime.api.problem import abort
 from metacrm.runtime.control import Tenant
+from metacrm.runtime.database import for_reads
 from metacrm.runtime.model import TenantModel
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.principal import Principal
 from metacrm.runtime.store import TenantStore
-from metacrm.runtime.tokens import authenticate, record_use
+from metacrm.runtime.tokens import authenticate_with_tenant, record_use
 
 
 @dataclass(frozen=True)
@@ -53,17 +54,18 @@ def resolve(slug: str) -> RequestContext:
     if presented is None:
         return _resolve_login(slug)
     p = platform()
-    with Session(p.control_engine, expire_on_commit=False) as session, session.begin():
-        principal = authenticate(session, presented)
-        tenant = p.tenant(session, slug) if principal is not None and len(slug) <= 63 else None
-    if principal is None:
+    with p.control_engine.connect() as connection:
+        with Session(for_reads(connection), expire_on_commit=False) as session:
+            found = authenticate_with_tenant(session, presented)
+    if found is None:
         abort(
             401,
             "unauthorized",
             "Authentication required",
             "the API token is unknown, expired or revoked",
         )
-    if tenant is None or tenant.id != principal.tenant_id:
+    principal, tenant = found
+    if tenant.slug != slug:
         # A valid token on another tenant's path looks exactly like an unknown tenant.
         abort(404, "not_found", "Not Found", "there is no such tenant")
     _check_ip(sessions.tenant_security(p, tenant))

@@ -8,7 +8,8 @@ through the record service exactly as ``POST /records/<entity>`` creates them
 
 Query parameters: ``format`` (``csv`` or ``jsonl``; by default taken from the
 Content-Type), ``encoding`` (``utf-8``, the default, or ``gb18030``),
-``delimiter`` (``,``, ``;`` or ``tab``; CSV only) and ``dry_run`` (check every
+``delimiter`` (``,``, ``;`` or ``tab``; CSV only), ``skip`` (header texts of
+columns to leave out, comma-separated; CSV only) and ``dry_run`` (check every
 row, store nothing). ``Idempotency-Key`` works as on every create.
 
 Answers: ``201`` with the number of rows read and created and how the columns
@@ -21,6 +22,7 @@ at ``/rows/<row>/<field>``. A completed import is audited once as
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from flask import Blueprint, Response, request
@@ -32,7 +34,7 @@ from metacrm.runtime.api.problem import abort, invalid_query
 
 bp = Blueprint("records_import", __name__, url_prefix="/t/<tenant>/api/v1/records")
 
-IMPORT_PARAMETERS = ("format", "encoding", "delimiter", "dry_run")
+IMPORT_PARAMETERS = ("format", "encoding", "delimiter", "skip", "dry_run")
 #: Content-Types that name a format when ``format`` is not given.
 MEDIA_TYPES = {
     "text/csv": "csv",
@@ -95,8 +97,11 @@ def import_records(tenant: str, entity: str) -> Response:
     encoding = _choice("encoding", importer.ENCODINGS, "utf-8")
     delimiter = _choice("delimiter", tuple(importer.DELIMITERS), ",")
     dry_run = records_api._flag("dry_run")
-    if kind == "jsonl" and delimiter != ",":
-        invalid_query("delimiter", "is for CSV files only")
+    skip = records_api._names("skip") or []
+    if kind == "jsonl" and (delimiter != "," or skip):
+        invalid_query("delimiter" if delimiter != "," else "skip", "is for CSV files only")
+    if len(skip) > importer.MAX_COLUMNS:
+        invalid_query("skip", f"names more than {importer.MAX_COLUMNS} columns")
     assert encoding is not None and delimiter is not None
     data = _file()
 
@@ -108,10 +113,12 @@ def import_records(tenant: str, entity: str) -> Response:
             used: dict[str, str] = {}
             ignored: list[str] = []
             if kind == "csv":
-                columns, rows = importer.csv_rows(shown, text, importer.DELIMITERS[delimiter])
+                columns, rows = importer.csv_rows(
+                    shown, io.StringIO(text, newline=""), importer.DELIMITERS[delimiter], skip
+                )
                 used, ignored = columns.used, columns.ignored
             else:
-                rows = importer.jsonl_rows(text)
+                rows = importer.jsonl_rows(text.splitlines())
             read, created = importer.import_rows(
                 w.connection,
                 w.model,

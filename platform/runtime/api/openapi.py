@@ -712,6 +712,13 @@ def _entity_paths(model: TenantModel, entity: EntityModel) -> dict[str, Any]:
                         },
                     },
                     {
+                        "name": "skip",
+                        "in": "query",
+                        "description": "CSV only: header texts of columns to leave out, "
+                        "comma-separated (every one must be a column of the file).",
+                        "schema": {"type": "string"},
+                    },
+                    {
                         "name": "dry_run",
                         "in": "query",
                         "description": "true: check every row, store nothing (answers 200).",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NoReturn
 
+import sqlalchemy as sa
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
@@ -121,7 +122,29 @@ def _http_error(error: HTTPException) -> Response:
     return response
 
 
+def _lost_connection(error: Exception) -> Response | None:
+    """Answer a statement that failed because its database connection was gone, or None.
+
+    The pool has been invalidated by then, so a retry gets a fresh connection.
+    """
+    if not isinstance(error, sa.exc.DBAPIError) or not error.connection_invalidated:
+        return None
+    log.warning("database connection lost on %s %s: %s", request.method, request.path, error)
+    response = ProblemError(
+        503,
+        "unavailable",
+        "Service Unavailable",
+        "the connection to the database was lost; retry (a write sent with an "
+        "Idempotency-Key is safe to send again)",
+    ).response()
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def _internal_error(error: Exception) -> Response:
+    lost = _lost_connection(error)
+    if lost is not None:
+        return lost
     log.exception("unhandled error on %s %s", request.method, request.path)
     return ProblemError(
         500,

@@ -416,9 +416,16 @@ class Read:
 
 
 @contextmanager
-def _reading(tenant: str, entity_name: str, action: str = "read") -> Iterator[Read]:
+def _reading(
+    tenant: str, entity_name: str, action: str = "read", transaction: bool = False
+) -> Iterator[Read]:
+    """Yield what a read needs; ``transaction`` when it needs one (a savepoint, a local setting).
+
+    Without it the statements run on ``TenantStore.read``: no BEGIN/ROLLBACK round trips.
+    """
     context = _context(tenant)
-    with context.store.connect() as connection, _refusals():
+    connect = context.store.connect if transaction else context.store.read
+    with connect() as connection, _refusals():
         model = platform().models.current(context.store, connection)
         entity = _entity(model, entity_name)
         allowed = _allowed(context, model, entity.name, action)
@@ -582,7 +589,7 @@ def count_records(tenant: str, entity: str) -> Response:
     search = _param("q")
     exact = _flag("exact")
     deleted = _flag("deleted")
-    with _reading(tenant, entity) as r:
+    with _reading(tenant, entity, transaction=True) as r:
         count, is_exact = query.count_records(
             r.connection,
             r.model,

@@ -359,6 +359,22 @@ def test_unknown_duplicate_and_empty_columns_are_each_named(world: World) -> Non
     assert world.state() == before
 
 
+def test_skipped_columns_are_left_out_and_must_exist(world: World) -> None:
+    tag = _tag()
+    body = _csv(["name", "external ref", "owner_id", "city"], [f"S {tag}", "EXT-1", "x", tag])
+    response = world.post(body, skip="external ref,owner_id")
+    assert response.status_code == 201, response.get_data(as_text=True)[:2000]
+    assert response.get_json()["ignored_columns"] == ["external ref", "owner_id"]
+    (record,) = world.customers(filter=f'city = "{tag}"')
+    assert record["owner_id"] == str(world.users["admin"].id)
+    before = world.state()
+    found = problem(world.post(body, skip="external ref,nothing"), 422, "unreadable_file")
+    assert found["errors"] == [
+        {"pointer": "/skip", "message": "'nothing' is not a column of the file"}
+    ]
+    assert world.state() == before
+
+
 @pytest.mark.parametrize("title", ["phone", "Phone", "电话"])
 def test_a_hidden_field_cannot_be_named_by_name_or_label(world: World, title: str) -> None:
     before = world.state()
@@ -443,6 +459,7 @@ def test_hostile_json_lines_are_refused_by_line(world: World, line: str, words: 
         ({"encoding": "latin-1"}, CSV, 400, "invalid_query"),
         ({"delimiter": "|"}, CSV, 400, "invalid_query"),
         ({"format": "jsonl", "delimiter": ";"}, CSV, 400, "invalid_query"),
+        ({"format": "jsonl", "skip": "name"}, CSV, 400, "invalid_query"),
         ({"dry_run": "maybe"}, CSV, 400, "invalid_query"),
         ({"fitler": "x"}, CSV, 400, "invalid_query"),
         ({}, "application/json", 415, "unsupported_media_type"),
