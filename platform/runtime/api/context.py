@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flask import current_app, g, request
-from sqlalchemy.orm import Session
 
 from metacrm.runtime import authz, sessions
 from metacrm.runtime.api.problem import abort
@@ -55,8 +54,7 @@ def resolve(slug: str) -> RequestContext:
         return _resolve_login(slug)
     p = platform()
     with p.control_engine.connect() as connection:
-        with Session(for_reads(connection), expire_on_commit=False) as session:
-            found = authenticate_with_tenant(session, presented)
+        found = authenticate_with_tenant(for_reads(connection), presented)
     if found is None:
         abort(
             401,
