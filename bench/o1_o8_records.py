@@ -1231,8 +1231,11 @@ def _timers(spent: dict[str, float]) -> Iterator[None]:
     from metacrm.runtime.api import records as api_records
 
     wanted = (
-        (context, "authenticate", "authenticate the token (control database)"),
-        (context.Platform, "tenant", "find the tenant (control database)"),
+        (
+            context,
+            "authenticate_with_tenant",
+            "authenticate the token, find the tenant (control database)",
+        ),
         (getattr(context, "sessions", None), "tenant_security", "tenant security settings"),
         (context, "access", "permissions"),
         (api_records, "access", "permissions"),
