@@ -33,6 +33,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     settings = settings_module.load(overrides)
 
     app = Flask(__name__, instance_path=str(settings.instance_dir))
+    app.request_class = imports_api.Request  # record imports have a body limit of their own
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_request_bytes,

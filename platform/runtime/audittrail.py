@@ -74,7 +74,19 @@ def _canonical(value: Any) -> Any:
     301-digit integer, ``1.0`` as ``1.0``); writing every number as its
     normalised decimal text makes the hash independent of that round trip.
     """
-    if value is None or isinstance(value, bool | str):
+    kind = type(value)
+    if value is None or kind is str or kind is bool:
+        return value
+    if kind is dict:
+        # The usual shape ({field: [old, new]} of text): no call per plain value.
+        found = {}
+        for key, item in value.items():
+            key = key if type(key) is str else str(key)
+            if key[:1] == "$":
+                key = "$" + key
+            found[key] = item if item is None or type(item) is str else _canonical(item)
+        return found
+    if isinstance(value, bool | str):
         return value
     if isinstance(value, int | float):
         if isinstance(value, float) and (value != value or value in (float("inf"), -float("inf"))):
@@ -116,11 +128,16 @@ def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
 
 
 def _json(value: Any, name: str) -> Any:
-    """Check that a value is plain JSON (what the column stores and the hash covers)."""
-    _canonical(value)
+    """Check that a value is plain JSON (what the column stores and the hash covers).
+
+    The C encoder refuses what JSON cannot hold (NaN, infinity, other types), so
+    no walk of our own is needed; decoding again gives the value as stored.
+    """
     try:
         text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except ValueError:
+        raise AuditError("audit values cannot hold NaN or infinity") from None
+    except TypeError as exc:
         raise AuditError(f"'{name}' must be JSON: {exc}") from None
     if "\\u0000" in text:
         raise AuditError(f"'{name}' cannot contain NUL characters")
@@ -258,10 +275,13 @@ def append_many(
         entry["prev_hash"] = prev_hash
         entry["hash"] = prev_hash = entry_hash(entry, prev_hash)
         seq += 1
-    connection.execute(audit.insert(), prepared)
-    connection.execute(
-        audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=prev_hash)
-    )
+    set_head = audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=prev_hash)
+    if connection.dialect.name == "postgresql":
+        # One round trip: the entries are inserted by a data-modifying CTE of the update.
+        connection.execute(set_head.add_cte(audit.insert().values(prepared).cte("appended")))
+    else:
+        connection.execute(audit.insert(), prepared)
+        connection.execute(set_head)
     return prepared
 
 

@@ -332,6 +332,16 @@ def csv_rows(
     return mapping, rows()
 
 
+def lines(text: str) -> Iterator[str]:
+    """Yield the lines of a JSON Lines text, split at LF (CRLF too) and nowhere else.
+
+    ``str.splitlines`` also splits at U+2028 and other separators, which a JSON
+    string may hold as they are.
+    """
+    for line in text.split("\n"):
+        yield line.removesuffix("\r")
+
+
 def jsonl_rows(lines: Iterable[str]) -> Iterator[Row | RowProblem]:
     """Return the records of a JSON Lines file (one JSON object a line) as payloads."""
     for number, line in enumerate(lines, start=1):
@@ -389,6 +399,9 @@ def import_rows(
     Runs inside the caller's transaction, in a savepoint of its own: a refusal
     (:class:`ImportRefused`) or a dry run leaves the transaction as it found it.
     """
+    # Each batch needs its own savepoint, so that the batches after a refused one
+    # are still checked on a usable transaction.
+    connection = connection.execution_options(**{records.WHOLE_TRANSACTION: False})
     savepoint = connection.begin_nested()
     errors: list[dict[str, Any]] = []
     read = created = 0

@@ -47,16 +47,30 @@ MASK = "********"
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+#: Execution option of a connection whose whole transaction ends with the write: the
+#: caller rolls everything back on any error, so a savepoint would only cost round trips.
+WHOLE_TRANSACTION = "metacrm_whole_transaction"
+
+
+def whole_transaction(connection: Connection) -> Connection:
+    """Return the connection marked as one whose transaction is rolled back on any error."""
+    return connection.execution_options(**{WHOLE_TRANSACTION: True})
+
+
 def _in_savepoint(func: _F) -> _F:
     """Run a writer in a SAVEPOINT of the caller's transaction.
 
     A refused write (a rule that fails after the row was written, a race on a
     unique value) must leave nothing behind even when the caller catches the
-    error and goes on using its transaction.
+    error and goes on using its transaction. A caller that never goes on (an API
+    request: any error rolls its transaction back) marks its connection with
+    :func:`whole_transaction` and saves the SAVEPOINT and RELEASE round trips.
     """
 
     @functools.wraps(func)
     def wrapper(connection: Connection, *args: Any, **kwargs: Any) -> Any:
+        if connection.get_execution_options().get(WHOLE_TRANSACTION):
+            return func(connection, *args, **kwargs)
         with connection.begin_nested():
             return func(connection, *args, **kwargs)
 

@@ -469,7 +469,9 @@ def _write(
     context = _context(tenant, write=True, parameters=parameters)
     key = idempotency.requested_key() if replayable else None
     try:
-        with context.store.begin(immediate=True) as connection:
+        with context.store.begin(immediate=True) as begun:
+            # Any error below rolls the whole transaction back: no savepoints needed.
+            connection = records.whole_transaction(begun)
             model = platform().models.current(context.store, connection)
             entity = _entity(model, entity_name)
             allowed = _allowed(context, model, entity.name, permission)

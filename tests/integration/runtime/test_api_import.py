@@ -30,7 +30,15 @@ from metacrm.runtime.store import audit, outbox
 
 from ...conftest import BACKENDS, make_settings
 from .conftest import snapshot
-from .test_api_meta import build_app, make_tenant, private_control_database, problem
+from .test_api_meta import (
+    CHEAP_HASHER,
+    Api,
+    build_app,
+    make_tenant,
+    private_control_database,
+    problem,
+)
+from .test_cross_tenant import PASSWORD, _signed_in
 
 MAX_IMPORT = 64 * 1024
 #: Smaller than the import limit: an import must not be held to it.
@@ -406,6 +414,15 @@ def test_undecodable_bytes_are_refused_with_a_hint_and_gb18030_reads_them(world:
     assert [c["name"] for c in world.customers(filter=f'city = "{tag}"')] == [f"北京{tag}"]
 
 
+def test_a_json_line_may_hold_a_line_separator_in_a_string(world: World) -> None:
+    tag = _tag()
+    body = json.dumps({"name": f"L\u2028S {tag}", "city": tag}, ensure_ascii=False) + "\r\n"
+    assert "\u2028" in body
+    response = world.post(body.encode("utf-8"), content_type=JSONL)
+    assert response.status_code == 201, response.get_data(as_text=True)[:2000]
+    assert [c["name"] for c in world.customers(filter=f'city = "{tag}"')] == [f"L\u2028S {tag}"]
+
+
 def test_a_bom_and_semicolons_are_read(world: World) -> None:
     tag = _tag()
     body = "\ufeffname;city;tags\r\n" + f"Semi {tag};{tag};a\r\n"
@@ -497,6 +514,31 @@ def test_the_import_limit_is_its_own_not_the_request_limit(world: World) -> None
     response = world.post(body)
     assert response.status_code == 201, response.get_data(as_text=True)[:2000]
     assert response.get_json()["created"] == 800
+
+
+def test_a_signed_in_person_imports_a_file_over_the_request_limit(world: World) -> None:
+    """The login cookie's CSRF check reads the body first; the import limit holds there too."""
+    with world.platform.session() as session:
+        session.get(User, world.users["admin"].id).password_hash = CHEAP_HASHER.hash(PASSWORD)
+    client, csrf = _signed_in(
+        world.app, Api(None, world.platform, world.tenant, world.users["admin"], "")
+    )
+    tag = _tag()
+    body = _csv(["name", "city"], *[[f"cookie {i} {tag}", tag] for i in range(800)])
+    assert MAX_REQUEST < len(body.encode()) < MAX_IMPORT
+    response = client.post(
+        f"/t/{world.tenant.slug}/api/v1/records/customer/import",
+        data=body.encode(),
+        headers={"Content-Type": CSV, "X-CSRFToken": csrf},
+    )
+    assert response.status_code == 201, response.get_data(as_text=True)[:1000]
+    assert response.get_json()["created"] == 800
+    refused = client.post(
+        f"/t/{world.tenant.slug}/api/v1/records/customer/import",
+        data=body.encode(),
+        headers={"Content-Type": CSV},
+    )
+    assert problem(refused, 403, "csrf_failed")["status"] == 403
 
 
 def test_an_entity_that_does_not_exist_is_404(world: World) -> None:
