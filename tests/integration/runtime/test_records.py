@@ -225,6 +225,38 @@ def test_unique_values_get_a_clear_error(tenant):
     assert "unique" in info.value.errors[0]["message"]
 
 
+def test_bulk_unique_checks_name_taken_and_repeated_values_per_row(tenant):
+    platform, store = tenant
+    with store.connect() as connection:
+        bundle = copy.deepcopy(metastore.current(connection).bundle)
+    customer_doc = next(e for e in bundle["entities"] if e["name"] == "customer")
+    next(f for f in customer_doc["fields"] if f["name"] == "email")["unique"] = True
+    metastore.publish(store, bundle, expected_version=2)
+    taken = customer(tenant, email="taken@x.example")
+    before = counts(tenant)
+    items = [{"name": f"c{i}", "email": f"free{i}@x.example"} for i in range(600)]
+    items[3]["email"] = "taken@x.example"
+    items[550]["email"] = items[10]["email"]  # a repeat in another chunk of 500
+    with pytest.raises(RecordInvalid) as info:
+        run(tenant, records.create_many, "customer", items, CALLER, platform.cipher, bulk=True)
+    assert info.value.errors == [
+        {"pointer": "/550/email", "message": "repeats the value of /10/email"},
+        {"pointer": "/3/email", "message": f"must be unique; record {taken['id']} already has it"},
+    ]
+    assert counts(tenant) == before
+    # A record keeping its own value is not a clash with itself.
+    updated = run(
+        tenant,
+        records.update,
+        "customer",
+        uuid.UUID(taken["id"]),
+        {"email": "taken@x.example", "city": "Hangzhou"},
+        CALLER,
+        platform.cipher,
+    )
+    assert updated["city"] == "Hangzhou"
+
+
 def test_lookup_to_a_deleted_record_is_refused(tenant):
     platform, _ = tenant
     c = customer(tenant)
