@@ -147,17 +147,27 @@ def _json(value: Any, name: str) -> Any:
 def _advance_head(connection: Connection, count: int) -> tuple[int, str]:
     """Reserve ``count`` seq numbers; return the first one and the hash it links to.
 
-    One ``UPDATE … RETURNING`` takes the lock before anything is read (the row
-    lock on PostgreSQL, the write lock on SQLite), so a concurrent append
-    waits here until this transaction ends and then sees its result. The head
-    row is created on first use if a namespace made before it lacks it.
+    The head is locked before anything is read, so a concurrent append waits
+    here until this transaction ends and then sees its result: on PostgreSQL by
+    ``SELECT … FOR UPDATE`` (the caller writes seq and hash in one UPDATE after,
+    so a long import leaves one row version per append, not two), on SQLite by
+    an ``UPDATE … RETURNING`` that takes the write lock at once (a read first
+    could fail to upgrade its lock). The head row is created on first use if a
+    namespace made before it lacks it.
     """
-    advance = (
-        audit_head.update()
-        .where(audit_head.c.id == _HEAD_ID)
-        .values(seq=audit_head.c.seq + count)
-        .returning(audit_head.c.seq, audit_head.c.hash)
-    )
+    if connection.dialect.name == "postgresql":
+        advance: sa.Executable = (
+            sa.select((audit_head.c.seq + count).label("seq"), audit_head.c.hash)
+            .where(audit_head.c.id == _HEAD_ID)
+            .with_for_update()
+        )
+    else:
+        advance = (
+            audit_head.update()
+            .where(audit_head.c.id == _HEAD_ID)
+            .values(seq=audit_head.c.seq + count)
+            .returning(audit_head.c.seq, audit_head.c.hash)
+        )
     row = connection.execute(advance).first()
     if row is None:
         last = connection.execute(
@@ -277,7 +287,11 @@ def append_many(
         seq += 1
     set_head = audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=prev_hash)
     if connection.dialect.name == "postgresql":
-        # One round trip: the entries are inserted by a data-modifying CTE of the update.
+        set_head = set_head.values(seq=seq - 1)
+    if connection.dialect.name == "postgresql" and len(prepared) == 1:
+        # A single write's entry goes in with the head update: one round trip. (A
+        # multi-row VALUES would be compiled anew for every batch: bulk appends use
+        # executemany.)
         connection.execute(set_head.add_cte(audit.insert().values(prepared).cte("appended")))
     else:
         connection.execute(audit.insert(), prepared)

@@ -495,19 +495,24 @@ def _check_rules(c: _Context, ids: Sequence[tuple[str, uuid.UUID]]) -> list[dict
 # -- writing ------------------------------------------------------------------------------
 
 
-def _next_number(c: _Context, f: FieldDef) -> str:
-    """Advance an auto-number field's counter under a row lock; no number is given twice."""
+def _next_numbers(c: _Context, f: FieldDef, count: int) -> list[str]:
+    """Reserve ``count`` numbers of an auto-number field under a row lock; none given twice.
+
+    One statement for the whole block: a counter row updated once per record would
+    leave a chain of row versions that every later update in the transaction walks.
+    """
     name = f"{c.entity.name}.{f.name}"
     start = int(f.get("start", 1))
     dialect = postgresql if c.connection.dialect.name == "postgresql" else sqlite
     statement = (
         dialect.insert(sequence)
-        .values(name=name, value=start)
-        .on_conflict_do_update(index_elements=["name"], set_={"value": sequence.c.value + 1})
+        .values(name=name, value=start + count - 1)
+        .on_conflict_do_update(index_elements=["name"], set_={"value": sequence.c.value + count})
         .returning(sequence.c.value)
     )
-    value = c.connection.execute(statement).scalar_one()
-    return f"{f.get('prefix', '')}{str(value).zfill(int(f.get('padding', 5)))}"
+    last = c.connection.execute(statement).scalar_one()
+    prefix, padding = f.get("prefix", ""), int(f.get("padding", 5))
+    return [f"{prefix}{str(value).zfill(padding)}" for value in range(last - count + 1, last + 1)]
 
 
 def _columns_of(c: _Context, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -733,6 +738,11 @@ def create_many(
         raise _refused(c, errors)
     created: list[tuple[str, uuid.UUID]] = []
     rows = []
+    numbers = {
+        f.name: iter(_next_numbers(c, f, len(prepared)))
+        for f in entity.entity.active_fields()
+        if f.type == "auto_number"
+    }
     for pointer, values in prepared:
         record_id = uuid7()
         owner, team = c.owners.get(pointer, (caller.user_id, caller.team_id))
@@ -747,9 +757,8 @@ def create_many(
             "version": 1,
             **_columns_of(c, values),
         }
-        for f in entity.entity.active_fields():
-            if f.type == "auto_number":
-                row[f.name] = _next_number(c, f)
+        for name, block in numbers.items():
+            row[name] = next(block)
         rows.append((pointer, record_id, row, values))
         created.append((pointer, record_id))
     try:
