@@ -288,14 +288,11 @@ def append_many(
     set_head = audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=prev_hash)
     if connection.dialect.name == "postgresql":
         set_head = set_head.values(seq=seq - 1)
-    if connection.dialect.name == "postgresql" and len(prepared) == 1:
-        # A single write's entry goes in with the head update: one round trip. (A
-        # multi-row VALUES would be compiled anew for every batch: bulk appends use
-        # executemany.)
-        connection.execute(set_head.add_cte(audit.insert().values(prepared).cte("appended")))
-    else:
-        connection.execute(audit.insert(), prepared)
-        connection.execute(set_head)
+    # Two statements, both compiled once and cached: a data-modifying CTE carrying
+    # the entries as a VALUES list would save a round trip but is compiled anew on
+    # every call, which costs more than the trip.
+    connection.execute(audit.insert(), prepared)
+    connection.execute(set_head)
     return prepared
 
 
