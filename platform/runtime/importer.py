@@ -35,7 +35,7 @@ import codecs
 import csv
 import difflib
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection
 from metacrm.metadata import jsondoc
 from metacrm.metadata.fieldtypes import get as field_type
 from metacrm.metadata.model import FieldDef
-from metacrm.runtime import records
+from metacrm.runtime import records, spreadsheet
 from metacrm.runtime.crypto import FieldCipher
 from metacrm.runtime.model import EntityModel, TenantModel
 from metacrm.runtime.recordschema import COMPUTED_TYPES
@@ -63,8 +63,6 @@ MAX_COLUMNS = 500
 MAX_CELL = 1_000_000
 #: System columns an import never writes (``owner_id`` is assigned through the service).
 IGNORED_SYSTEM = tuple(name for name in SYSTEM_FIELDS if name != "owner_id")
-#: Cell text a spreadsheet would read as a formula; exports prefix it with ``'``.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _INTEGER = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
 _TRUE = frozenset({"true", "yes", "y", "1", "是", "真"})
 _FALSE = frozenset({"false", "no", "n", "0", "否", "假"})
@@ -79,7 +77,7 @@ class UnreadableFile(Exception):
 
 
 class ImportRefused(Exception):
-    """Rows were refused and nothing was stored; ``errors`` lists them, ``total`` counts them."""
+    """Rows were refused and nothing was stored; ``errors`` lists them (MAX_ERRORS at most)."""
 
     def __init__(self, errors: list[dict[str, Any]], rows_read: int, complete: bool) -> None:
         super().__init__(f"{len(errors)} problem(s) in {rows_read} row(s)")
@@ -144,12 +142,11 @@ def decode(data: bytes, encoding: str) -> str:
     return text
 
 
-def _label_index(entity: EntityModel, writable: Sequence[FieldDef]) -> dict[str, str]:
+def _label_index(writable: Sequence[FieldDef]) -> dict[str, str]:
     """Map API names and labels (English folded, Chinese as written) to field names."""
     found: dict[str, str] = {}
     for f in writable:
-        label = f.label if isinstance(f.label, Mapping) else {}
-        for key in (label.get("zh-CN"), (label.get("en") or "").casefold()):
+        for key in (f.label.get("zh-CN"), (f.label.get("en") or "").casefold()):
             if key:
                 found.setdefault(key.strip(), f.name)
     for f in writable:
@@ -176,7 +173,7 @@ def map_columns(
         )
     active = list(entity.entity.active_fields())
     computed = {f.name for f in active if f.type in COMPUTED_TYPES}
-    names = _label_index(entity, [f for f in active if f.type not in COMPUTED_TYPES])
+    names = _label_index([f for f in active if f.type not in COMPUTED_TYPES])
     known = sorted(names)
     fields: list[str | None] = []
     ignored: list[str] = []
@@ -231,50 +228,76 @@ def map_columns(
     return ColumnMap(fields, used, ignored)
 
 
-def _undefused(text: str) -> str:
-    if text.startswith("'") and text[1:2] and text[1] in _FORMULA_START:
-        return text[1:]
-    return text
-
-
-def cell_value(f: FieldDef | None, text: str) -> Any:
-    """Turn one CSV cell into the value the API takes for the field; never raises.
-
-    A cell that does not fit stays text, and the record service refuses it with
-    the message the API gives (``must be a whole number``).
-    """
-    text = _undefused(text)
-    if f is None:  # owner_id
-        return text.strip()
-    kind = field_type(f.type).value_type
+def _json_or_text(text: str) -> Any:
     plain = text.strip()
-    if kind == "INTEGER":
-        return int(plain) if _INTEGER.fullmatch(plain) else text
-    if kind == "BOOLEAN":
-        folded = plain.casefold()
-        if folded in _TRUE:
-            return True
-        if folded in _FALSE:
-            return False
+    try:
+        return jsondoc.loads(plain, max_bytes=len(plain.encode()) + 1)
+    except jsondoc.DocumentError:
         return text
-    if kind == "LIST":
-        if plain.startswith("["):
-            try:
-                return jsondoc.loads(plain, max_bytes=len(plain.encode()) + 1)
-            except jsondoc.DocumentError:
-                return text
-        return [item.strip() for item in plain.split(";") if item.strip()]
-    if kind == "JSON" or f.type == "related_to":
-        if f.type == "related_to" and ":" in plain and not plain.startswith("{"):
-            target, _, record_id = plain.partition(":")
-            return {"entity": target.strip(), "id": record_id.strip()}
-        try:
-            return jsondoc.loads(plain, max_bytes=len(plain.encode()) + 1)
-        except jsondoc.DocumentError:
-            return text
-    if kind in ("DECIMAL", "DATE", "DATETIME", "UUID") or f.type == "single_select":
-        return plain
+
+
+def _integer(text: str) -> Any:
+    plain = text.strip()
+    return int(plain) if _INTEGER.fullmatch(plain) else text
+
+
+def _boolean(text: str) -> Any:
+    folded = text.strip().casefold()
+    if folded in _TRUE:
+        return True
+    if folded in _FALSE:
+        return False
     return text
+
+
+def _items(text: str) -> Any:
+    plain = text.strip()
+    if plain.startswith("["):
+        return _json_or_text(plain)
+    return [item.strip() for item in plain.split(";") if item.strip()]
+
+
+def _related(text: str) -> Any:
+    plain = text.strip()
+    if ":" in plain and not plain.startswith("{"):
+        target, _, record_id = plain.partition(":")
+        return {"entity": target.strip(), "id": record_id.strip()}
+    return _json_or_text(plain)
+
+
+def _stripped(text: str) -> Any:
+    return text.strip()
+
+
+def _as_is(text: str) -> Any:
+    return text
+
+
+#: How a cell becomes the API's value, by the field type's value type.
+_READERS: dict[str, Callable[[str], Any]] = {
+    "INTEGER": _integer,
+    "BOOLEAN": _boolean,
+    "LIST": _items,
+    "JSON": _json_or_text,
+    "DECIMAL": _stripped,
+    "DATE": _stripped,
+    "DATETIME": _stripped,
+    "UUID": _stripped,
+}
+
+
+def cell_reader(f: FieldDef | None) -> Callable[[str], Any]:
+    """Return how one column's cells become the values the API takes (chosen once per column).
+
+    The readers never raise: a cell that does not fit stays text, and the record
+    service refuses it with the message the API gives (``must be a whole number``).
+    ``None`` is the ``owner_id`` column.
+    """
+    if f is None or f.type == "single_select":
+        return _stripped
+    if f.type == "related_to":
+        return _related
+    return _READERS.get(field_type(f.type).value_type, _as_is)
 
 
 def csv_rows(
@@ -292,7 +315,12 @@ def csv_rows(
     except csv.Error as exc:
         raise UnreadableFile([{"pointer": "/rows/1", "message": f"line 1: {exc}"}]) from None
     mapping = map_columns(entity, header, skip)
-    fields = {f.name: f for f in entity.entity.active_fields()}
+    columns = [
+        (name, cell_reader(entity.entity.fields.get(name)))
+        for name in mapping.fields
+        if name is not None
+    ]
+    used = [name is not None for name in mapping.fields]
     width = len(header)
 
     def rows() -> Iterator[Row | RowProblem]:
@@ -313,8 +341,9 @@ def csv_rows(
                 continue
             payload: dict[str, Any] = {}
             problems = []
-            for name, cell in zip(mapping.fields, cells, strict=True):
-                if name is None or cell == "":
+            kept = (cell for cell, wanted in zip(cells, used, strict=True) if wanted)
+            for (name, read), cell in zip(columns, kept, strict=True):
+                if cell == "":
                     continue
                 if "\x00" in cell or len(cell) > MAX_CELL:
                     problems.append(
@@ -326,7 +355,7 @@ def csv_rows(
                         }
                     )
                     continue
-                payload[name] = cell_value(fields.get(name), cell)
+                payload[name] = read(spreadsheet.restore(cell))
             yield RowProblem(number, problems) if problems else Row(number, payload)
 
     return mapping, rows()
@@ -342,9 +371,9 @@ def lines(text: str) -> Iterator[str]:
         yield line.removesuffix("\r")
 
 
-def jsonl_rows(lines: Iterable[str]) -> Iterator[Row | RowProblem]:
+def jsonl_rows(source: Iterable[str]) -> Iterator[Row | RowProblem]:
     """Return the records of a JSON Lines file (one JSON object a line) as payloads."""
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(source, start=1):
         if not line.strip():
             continue
         at = f"/rows/{number}"

@@ -198,7 +198,12 @@ def describe(token: ApiToken) -> dict[str, Any]:
 
 
 def authenticate(session: Session, presented: str) -> Principal | None:
-    """Return the principal a bearer token stands for (in the token's own tenant), or None."""
+    """Return the principal a bearer token stands for (in the token's own tenant), or None.
+
+    The objects are detached copies; changes the session holds are flushed first,
+    so a token revoked in it is refused.
+    """
+    session.flush()
     found = authenticate_with_tenant(session.connection(), presented)
     return found[0] if found is not None else None
 

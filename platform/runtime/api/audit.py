@@ -29,7 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, g, jsonify, request, stream_with_context
 
-from metacrm.runtime import audittrail
+from metacrm.runtime import audittrail, spreadsheet
 from metacrm.runtime import cursor as cursors
 from metacrm.runtime.api.context import RequestContext, platform, resolve
 from metacrm.runtime.api.problem import abort, invalid_query
@@ -64,8 +64,6 @@ CSV_COLUMNS = (
 )
 _ACTION_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*(\.\*)?$")
 _ENTITY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-#: A spreadsheet runs a cell starting with one of these as a formula (CSV injection).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def init_app(app: Flask) -> None:
@@ -297,8 +295,7 @@ def _cell(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False, sort_keys=True)
     else:
         text = str(value)
-    # Defuse spreadsheet formulas; the quote is the convention spreadsheets strip.
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    return spreadsheet.defuse(text)
 
 
 def csv_rows(rows: Iterator[dict[str, Any]]) -> Iterator[str]:

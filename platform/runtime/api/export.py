@@ -40,7 +40,6 @@ import csv
 import datetime as dt
 import io
 import json
-import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Response, request
 
 from metacrm.metadata.expression import EvalContext
-from metacrm.runtime import audittrail, notifications, query
+from metacrm.runtime import audittrail, notifications, query, spreadsheet
 from metacrm.runtime.api import records as records_api
 from metacrm.runtime.api.context import platform
 from metacrm.runtime.api.problem import invalid_query
@@ -66,9 +65,6 @@ FORMATS = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; cha
 #: Rows per keyset batch: the query module's largest page.
 BATCH = query.MAX_LIMIT
 BOM = "\ufeff"
-#: What makes a spreadsheet treat a cell as a formula (OWASP "CSV injection").
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_PLAIN_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
 AUDIT_ACTION = "record.export"
 NOTIFICATION_KIND = "record.mass_export"
 #: Turns one batch of records into the file's text.
@@ -87,9 +83,7 @@ def csv_cell(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False, sort_keys=True)
     else:
         text = str(value)
-    if text.startswith(FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
-        return "'" + text
-    return text
+    return spreadsheet.defuse(text, keep_numbers=True)
 
 
 def _columns(entity: EntityModel, fields: Sequence[str] | None) -> list[str]:

@@ -155,6 +155,14 @@ def world(
                     assert admin is not None
                     w.users["admin"] = admin
                     _, w.tokens["admin"] = tokens.create_token(session, api.tenant, admin, "t")
+                    # The admin's own credentials that must not import: read-only, or
+                    # limited to another entity.
+                    _, w.tokens["admin_read_only"] = tokens.create_token(
+                        session, api.tenant, admin, "ro", read_only=True
+                    )
+                    _, w.tokens["admin_deals_only"] = tokens.create_token(
+                        session, api.tenant, admin, "deals", entities=["deal"]
+                    )
                     for name, role in (("manager", "sales_manager"), ("rep", "sales_rep")):
                         user = User(email=f"{name}@{api.tenant.slug}.example", display_name=name)
                         session.add(user)
@@ -398,6 +406,19 @@ def test_a_role_without_import_is_refused_before_the_file_is_read(world: World) 
     before = world.state()
     response = world.post(_csv(["name"], ["by a rep"]), "rep")
     assert "import" in problem(response, 403, "forbidden")["detail"]
+    assert world.state() == before
+
+
+@pytest.mark.parametrize(
+    ("who", "words"),
+    [("admin_read_only", "read-only"), ("admin_deals_only", "does not cover 'customer'")],
+)
+def test_a_token_that_may_not_write_customers_imports_nothing(
+    world: World, who: str, words: str
+) -> None:
+    before = world.state()
+    response = world.post(_csv(["name"], ["by a narrow token"]), who)
+    assert words in problem(response, 403, "forbidden")["detail"]
     assert world.state() == before
 
 

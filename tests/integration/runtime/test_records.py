@@ -209,15 +209,20 @@ def test_audit_or_outbox_failure_stores_nothing(tenant, monkeypatch):
     assert rows(store, "customer", "name") == []
 
 
+def _make_customer_email_unique(tenant) -> None:
+    _, store = tenant
+    with store.connect() as connection:
+        current = metastore.current(connection)
+    bundle = copy.deepcopy(current.bundle)
+    customer_doc = next(e for e in bundle["entities"] if e["name"] == "customer")
+    next(f for f in customer_doc["fields"] if f["name"] == "email")["unique"] = True
+    metastore.publish(store, bundle, expected_version=current.version)
+
+
 def test_unique_values_get_a_clear_error(tenant):
     c = customer(tenant)
     create(tenant, "deal", {"name": "A", "customer": c["id"]})
-    platform, store = tenant
-    with store.connect() as connection:
-        bundle = copy.deepcopy(metastore.current(connection).bundle)
-    customer_doc = next(e for e in bundle["entities"] if e["name"] == "customer")
-    next(f for f in customer_doc["fields"] if f["name"] == "email")["unique"] = True
-    metastore.publish(store, bundle, expected_version=2)
+    _make_customer_email_unique(tenant)
     customer(tenant, email="a@x.example")
     with pytest.raises(RecordInvalid) as info:
         customer(tenant, email="a@x.example")
@@ -226,12 +231,8 @@ def test_unique_values_get_a_clear_error(tenant):
 
 
 def test_bulk_unique_checks_name_taken_and_repeated_values_per_row(tenant):
-    platform, store = tenant
-    with store.connect() as connection:
-        bundle = copy.deepcopy(metastore.current(connection).bundle)
-    customer_doc = next(e for e in bundle["entities"] if e["name"] == "customer")
-    next(f for f in customer_doc["fields"] if f["name"] == "email")["unique"] = True
-    metastore.publish(store, bundle, expected_version=2)
+    platform, _ = tenant
+    _make_customer_email_unique(tenant)
     taken = customer(tenant, email="taken@x.example")
     before = counts(tenant)
     items = [{"name": f"c{i}", "email": f"free{i}@x.example"} for i in range(600)]
