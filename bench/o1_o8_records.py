@@ -1193,15 +1193,15 @@ def _timers(spent: dict[str, float]) -> Iterator[None]:
     Instrumentation only: the wrapped functions run unchanged, and the few
     microseconds a wrapper costs land in the parts, not in "other".
     """
-    from metacrm.runtime import model
+    from metacrm.runtime import model, tokens
     from metacrm.runtime.api import context
     from metacrm.runtime.api import records as api_records
 
     wanted = (
         (
-            context,
-            "authenticate_with_tenant",
-            "authenticate the token, find the tenant (control database)",
+            tokens.TokenCache,
+            "authenticate",
+            "authenticate the token, find the tenant (cache or control database)",
         ),
         (getattr(context, "sessions", None), "tenant_security", "tenant security settings"),
         (context, "access", "permissions"),

@@ -18,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from metacrm.metadata.expression import register_sqlite_functions
+from metacrm.runtime.changes import watch_writes
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 #: Engines kept open at once; beyond it the least recently used is disposed.
@@ -100,9 +101,11 @@ def create_engine(url: str, pool_size: int = 5, echo: bool = False) -> Engine:
     # twice (control and tenant). A connection that died with its server fails its
     # statement instead; SQLAlchemy then invalidates the whole pool, and the request is
     # answered 503 ``unavailable`` with Retry-After (decision record 0009).
-    return sa.create_engine(
+    engine = sa.create_engine(
         parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=False
     )
+    watch_writes(engine)
+    return engine
 
 
 def for_reads(connection: sa.Connection) -> sa.Connection:

@@ -3,7 +3,7 @@
 Building tables, expression scopes and validators from a bundle takes
 milliseconds; a request must not pay that. ``ModelCache`` keeps the compiled
 model of each (tenant store, version) and only asks the database which version
-is current.
+is current, and only when the store may have changed since it last asked.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 import threading
 import zoneinfo
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +24,12 @@ from metacrm.metadata.expression import Node, Scope, parse
 from metacrm.metadata.expressions import scope_for
 from metacrm.metadata.model import Bundle, EntityDef, FieldDef, empty_bundle
 from metacrm.metadata.tables import build_tables, link_table_name
+from metacrm.runtime.changes import Watches, meta_topic
 from metacrm.runtime.store import TenantStore, meta_version
 
 CACHE_SIZE = 256
+#: Stores whose published version a process remembers (one small entry each).
+PUBLISHED_CACHE_SIZE = 10_000
 #: Longest expression text kept by ``parsed``: metadata expressions and everyday
 #: filters fit; a hostile 100 kB filter is parsed (and refused) every time instead.
 PARSE_CACHE_TEXT = 4096
@@ -130,17 +133,44 @@ _CURRENT_VERSION = sa.select(sa.func.max(meta_version.c.version))
 
 
 class ModelCache:
-    """Compiled models by (store, version), least recently used dropped first."""
+    """Compiled models by (store, version), least recently used dropped first.
 
-    def __init__(self, size: int = CACHE_SIZE) -> None:
+    Which version a store has published is read once and then kept while the
+    store's change mark (``metacrm.runtime.changes``) stays the same: a request
+    then asks the database nothing before its own statement.
+    """
+
+    def __init__(self, changes: Watches | None = None, size: int = CACHE_SIZE) -> None:
         self._models: OrderedDict[tuple[str, str | None, int], TenantModel] = OrderedDict()
+        self._published: OrderedDict[tuple[str, str | None], tuple[Hashable, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
+        self._changes = changes
+
+    def _version(self, store: TenantStore, connection: Connection) -> int:
+        """The version published now: from memory while the store's mark holds."""
+        where = (str(store.engine.url), store.schema)
+        mark = None
+        if self._changes is not None:
+            mark = self._changes.mark(store.engine, meta_topic(store.schema))
+        if mark is not None:
+            with self._lock:
+                known = self._published.get(where)
+            if known is not None and known[0] == mark:
+                return known[1]
+        version = connection.execute(_CURRENT_VERSION).scalar() or 0
+        if mark is not None:
+            with self._lock:
+                self._published[where] = (mark, version)
+                self._published.move_to_end(where)
+                while len(self._published) > PUBLISHED_CACHE_SIZE:
+                    self._published.popitem(last=False)
+        return version
 
     def current(self, store: TenantStore, connection: Connection) -> TenantModel:
         """Return the model of the version published now, compiling it on first use."""
-        version = connection.execute(_CURRENT_VERSION).scalar()
-        key = (str(store.engine.url), store.schema, version or 0)
+        version = self._version(store, connection)
+        key = (str(store.engine.url), store.schema, version)
         with self._lock:
             model = self._models.get(key)
             if model is not None:
@@ -149,7 +179,7 @@ class ModelCache:
         row = connection.execute(
             sa.select(meta_version.c.bundle).where(meta_version.c.version == version)
         ).first()
-        model = compile_model(version or 0, row.bundle if row else empty_bundle())
+        model = compile_model(version, row.bundle if row else empty_bundle())
         with self._lock:
             self._models[key] = model
             while len(self._models) > self._size:

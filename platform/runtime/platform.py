@@ -6,18 +6,20 @@ everything that needs a database gets it from here, never from a module global.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from metacrm.runtime import control
+from metacrm.runtime.changes import CONTROL, Watches
 from metacrm.runtime.crypto import FieldCipher
 from metacrm.runtime.database import Engines
 from metacrm.runtime.model import ModelCache
 from metacrm.runtime.settings import Settings
 from metacrm.runtime.store import TenantStore
+from metacrm.runtime.tokens import TokenCache
 
 
 class Platform:
@@ -26,14 +28,22 @@ class Platform:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engines = Engines(pool_size=settings.pool_size)
+        #: Tells whether a database changed since a cached fact was read (decision 0010).
+        self.changes = Watches()
         #: Compiled metadata of each tenant's published version.
-        self.models = ModelCache()
+        self.models = ModelCache(self.changes)
+        #: What recently presented API tokens stand for.
+        self.tokens = TokenCache()
         #: Encrypts ``encrypted_text`` fields at rest.
         self.cipher = FieldCipher(settings.secret_key)
 
     @property
     def control_engine(self) -> sa.Engine:
         return self.engines.get(self.settings.database_url)
+
+    def control_mark(self) -> Hashable | None:
+        """The control database's change mark now (see ``metacrm.runtime.changes``)."""
+        return self.changes.mark(self.control_engine, CONTROL)
 
     def init_control(self) -> None:
         """Create the control database's tables (and the instance folder) when missing."""
@@ -56,5 +66,6 @@ class Platform:
         return TenantStore(tenant.slug, self.engines.get(tenant.database_url), tenant.schema)
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection and the change watches."""
+        self.changes.close()
         self.engines.dispose()

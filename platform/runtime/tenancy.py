@@ -139,6 +139,7 @@ def _namespace_maker(platform: Platform, store: TenantStore) -> Callable[[Connec
 def _drop_namespace(platform: Platform, store: TenantStore) -> None:
     if store.schema is None:
         path = store.engine.url.database
+        platform.changes.forget(store.engine)
         platform.engines.dispose(store.engine)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)

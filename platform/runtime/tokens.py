@@ -11,15 +11,19 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from metacrm.metadata.identifiers import identifier_problem
+from metacrm.runtime.changes import CACHE_NEUTRAL
 from metacrm.runtime.control import ApiToken, Membership, Tenant, User, utcnow
+from metacrm.runtime.database import for_reads
 from metacrm.runtime.principal import Principal
 
 PREFIX = "mcrm_"
@@ -27,6 +31,8 @@ LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 MAX_NAME = 100
 MAX_ENTITIES = 100
 MAX_DAYS = 3650
+#: Tokens whose principal a process keeps (``TokenCache``).
+TOKEN_CACHE_SIZE = 10_000
 
 
 def _digest(secret: str) -> str:
@@ -227,6 +233,48 @@ _AUTHENTICATION = (
 )
 
 
+def _parse(presented: str) -> tuple[uuid.UUID, str] | None:
+    """Split ``mcrm_<id>_<secret>`` into the token's id and its secret; None if malformed."""
+    if not isinstance(presented, str) or not presented.startswith(PREFIX) or len(presented) > 200:
+        return None
+    token_id, _, secret = presented[len(PREFIX) :].partition("_")
+    try:
+        return uuid.UUID(hex=token_id), secret
+    except ValueError:
+        return None
+
+
+_Found = tuple[ApiToken, User, Membership, Tenant]
+
+
+def _load(connection: sa.Connection, key: uuid.UUID) -> _Found | None:
+    """Read a token, its user, the membership and the tenant in one statement."""
+    row = connection.execute(_AUTHENTICATION, {"token_id": key}).mappings().first()
+    if row is None:
+        return None
+    token, user, membership, tenant = (
+        model(**{c.name: row[f"{t.name}__{c.name}"] for c in t.c})
+        for model, t in zip(_MODELS, _TABLES, strict=True)
+    )
+    return token, user, membership, tenant  # type: ignore[return-value]
+
+
+def _accept(found: _Found | None, secret: str) -> tuple[Principal, Tenant] | None:
+    """Check the secret and that token, login and membership are live now."""
+    if found is None:
+        return None
+    token, user, membership, tenant = found
+    if not hmac.compare_digest(token.secret_hash, _digest(secret)):
+        return None
+    if token.revoked_at is not None:
+        return None
+    if token.expires_at is not None and token.expires_at <= utcnow():
+        return None
+    if not user.is_active or not membership.is_active:
+        return None
+    return Principal(user, membership, token=token), tenant
+
+
 def authenticate_with_tenant(
     connection: sa.Connection, presented: str
 ) -> tuple[Principal, Tenant] | None:
@@ -237,30 +285,54 @@ def authenticate_with_tenant(
     every API request, where a round trip or a session costs as much as the
     request's own SQL.
     """
-    if not presented.startswith(PREFIX) or len(presented) > 200:
+    parsed = _parse(presented)
+    if parsed is None:
         return None
-    token_id, _, secret = presented[len(PREFIX) :].partition("_")
-    try:
-        key = uuid.UUID(hex=token_id)
-    except ValueError:
-        return None
-    row = connection.execute(_AUTHENTICATION, {"token_id": key}).mappings().first()
-    if row is None:
-        return None
-    token, user, membership, tenant = (
-        model(**{c.name: row[f"{t.name}__{c.name}"] for c in t.c})
-        for model, t in zip(_MODELS, _TABLES, strict=True)
-    )
-    if not hmac.compare_digest(token.secret_hash, _digest(secret)):
-        return None
-    now = utcnow()
-    if token.revoked_at is not None:
-        return None
-    if token.expires_at is not None and token.expires_at <= now:
-        return None
-    if not user.is_active or not membership.is_active:
-        return None
-    return Principal(user, membership, token=token), tenant
+    key, secret = parsed
+    return _accept(_load(connection, key), secret)
+
+
+class TokenCache:
+    """What recently presented tokens stand for, kept while the control database is unchanged.
+
+    An entry holds the rows ``_load`` read and the change mark taken before
+    reading them (``metacrm.runtime.changes``); it serves only while the mark
+    taken now is the same, so a revoked token, a deactivated login or a changed
+    membership is read again. The secret, the expiry and the live flags are
+    checked on every use, cached or not. Unknown tokens are never cached.
+    """
+
+    def __init__(self, size: int = TOKEN_CACHE_SIZE) -> None:
+        self._entries: OrderedDict[uuid.UUID, tuple[Hashable, _Found]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def authenticate(
+        self, engine: sa.Engine, mark: Callable[[], Hashable | None], presented: str
+    ) -> tuple[Principal, Tenant] | None:
+        """Like ``authenticate_with_tenant``, without a statement when the cache may answer."""
+        parsed = _parse(presented)
+        if parsed is None:
+            return None
+        key, secret = parsed
+        now_mark = mark()
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and now_mark is not None and entry[0] == now_mark:
+            return _accept(entry[1], secret)
+        with engine.connect() as connection:
+            found = _load(for_reads(connection), key)
+        accepted = _accept(found, secret)
+        with self._lock:
+            if accepted is None or found is None or now_mark is None:
+                # A failed attempt must not evict live entries, nor leave a stale one.
+                self._entries.pop(key, None)
+            else:
+                self._entries[key] = (now_mark, found)
+                self._entries.move_to_end(key)
+                while len(self._entries) > self._size:
+                    self._entries.popitem(last=False)
+        return accepted
 
 
 def record_use(engine: sa.Engine, token: ApiToken) -> None:
@@ -274,8 +346,9 @@ def record_use(engine: sa.Engine, token: ApiToken) -> None:
     if token.last_used_at is not None and now - token.last_used_at < LAST_USED_RESOLUTION:
         return
     try:
+        # Marked cache-neutral: a token's last use is nothing a cache holds.
         with engine.begin() as connection:
-            connection.execute(
+            connection.execution_options(**{CACHE_NEUTRAL: True}).execute(
                 sa.update(ApiToken)
                 .where(ApiToken.id == token.id)
                 .where(
@@ -287,4 +360,5 @@ def record_use(engine: sa.Engine, token: ApiToken) -> None:
                 .values(last_used_at=now)
             )
     except sa.exc.OperationalError:
-        pass  # a busy database; the next request records it
+        return  # a busy database; the next request records it
+    token.last_used_at = now

@@ -14,12 +14,11 @@ from flask import current_app, g, request
 from metacrm.runtime import authz, sessions
 from metacrm.runtime.api.problem import abort
 from metacrm.runtime.control import Tenant
-from metacrm.runtime.database import for_reads
 from metacrm.runtime.model import TenantModel
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.principal import Principal
 from metacrm.runtime.store import TenantStore
-from metacrm.runtime.tokens import authenticate_with_tenant, record_use
+from metacrm.runtime.tokens import record_use
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,7 @@ def resolve(slug: str) -> RequestContext:
     if presented is None:
         return _resolve_login(slug)
     p = platform()
-    with p.control_engine.connect() as connection:
-        found = authenticate_with_tenant(for_reads(connection), presented)
+    found = p.tokens.authenticate(p.control_engine, p.control_mark, presented)
     if found is None:
         abort(
             401,
