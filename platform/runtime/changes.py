@@ -31,6 +31,8 @@ import itertools
 import re
 import sqlite3
 import threading
+import time
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Hashable
@@ -72,6 +74,7 @@ class _Listener:
     """One PostgreSQL database's ``LISTEN`` connection and the counts of its topics."""
 
     RETRY_SECONDS = (0.1, 0.5, 1.0, 5.0)
+    PROBE_SECONDS = 2.0
 
     def __init__(self, engine: sa.Engine) -> None:
         self._dialect = engine.dialect
@@ -97,6 +100,22 @@ class _Listener:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _probe(self, listening: Any) -> bool:
+        """Tell whether a notification sent on another connection reaches this one."""
+        token = f"probe:{uuid.uuid4().hex}"
+        sender = self._dialect.connect(*self._cargs, **self._cparams)
+        try:
+            sender.autocommit = True
+            sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, token))
+        finally:
+            sender.close()
+        deadline = time.monotonic() + self.PROBE_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            for notice in listening.notifies(timeout=left):
+                if notice.payload == token:
+                    return True
+        return False
+
     def _run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
@@ -111,13 +130,19 @@ class _Listener:
             try:
                 connection.autocommit = True
                 connection.execute(f"LISTEN {CHANNEL}")
+                if not self._probe(connection):
+                    # Behind a transaction-pooling PgBouncer notifications do not arrive:
+                    # give no marks (no caching) rather than marks that never change.
+                    failures = len(self.RETRY_SECONDS)
+                    continue
                 failures = 0
                 with self._lock:
                     # Notifications may have been missed while not listening.
                     self._epoch = next(_serials)
                 while not self._stopping.is_set():
                     for notice in connection.notifies(timeout=1.0):
-                        self.touched(notice.payload)
+                        if not notice.payload.startswith("probe:"):
+                            self.touched(notice.payload)
             except Exception:
                 failures += 1
             finally:

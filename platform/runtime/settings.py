@@ -27,7 +27,7 @@ SECRET_KEYS = frozenset({"secret_key", "smtp_password"})
 SUPPORTED_DRIVERS = ("postgresql", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SMTP_SECURITY = ("starttls", "tls", "none")
-#: A flask-limiter rate: "N per unit" or "N/unit", several joined by ";".
+#: A rate in the ``limits`` library's notation: "N per unit" or "N/unit", several joined by ";".
 RATE_LIMIT = (
     r"[1-9][0-9]{0,8} ?(per|/) ?(second|minute|hour|day)s?"
     r"( ?; ?[1-9][0-9]{0,8} ?(per|/) ?(second|minute|hour|day)s?)*"
