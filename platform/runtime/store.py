@@ -265,6 +265,10 @@ class TenantStore:
         return self.engine.dialect.name
 
     def _options(self, connection: Connection) -> Connection:
+        if self.schema is None:
+            # A SQLite file is its own namespace; a map to None would only make every
+            # statement pay a pass that writes "main." before each table name.
+            return connection
         return connection.execution_options(schema_translate_map={None: self.schema})
 
     @contextmanager
