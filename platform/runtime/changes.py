@@ -256,6 +256,8 @@ def watch_writes(engine: sa.Engine) -> None:
 
     @event.listens_for(engine, "commit")
     def announce(connection: sa.Connection) -> None:
+        if connection.invalidated:
+            return  # the connection died: nothing is committed, nothing to announce
         topics = connection.info.pop("metacrm_topics", None)
         if not topics:
             return
@@ -269,7 +271,8 @@ def watch_writes(engine: sa.Engine) -> None:
 
     @event.listens_for(engine, "rollback")
     def forget(connection: sa.Connection) -> None:
-        connection.info.pop("metacrm_topics", None)
+        if not connection.invalidated:  # an invalidated connection's notes went with it
+            connection.info.pop("metacrm_topics", None)
 
 
 def _written_topic(connection: sa.Connection, statement: str, context: Any) -> str | None:
