@@ -285,7 +285,8 @@ def _written_topic(connection: sa.Connection, statement: str, context: Any) -> s
     if compiled is not None and (context.isinsert or context.isupdate or context.isdelete):
         table = getattr(compiled.statement, "table", None)
         table_name = getattr(table, "name", None)
-    else:
+    elif compiled is None or isinstance(compiled.statement, sa.TextClause):
+        # SQL written as text (or sent to the driver as is): read its first words.
         match = _RAW_WRITE.match(statement)
         table_name = match.group(1).lower() if match else None
     topic = TOPIC_TABLES.get(table_name or "")

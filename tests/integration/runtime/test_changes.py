@@ -127,6 +127,13 @@ def test_a_mark_holds_until_a_write_of_this_process_commits(platform: Platform, 
     assert platform.control_mark() != before
 
 
+def test_a_write_written_as_text_changes_the_mark(platform: Platform, api: Api) -> None:
+    before = listening_mark(platform)
+    with platform.control_engine.begin() as connection:
+        connection.execute(sa.text("UPDATE tenant SET name = :name"), {"name": "As text"})
+    assert platform.control_mark() != before
+
+
 def test_a_rolled_back_write_leaves_the_mark_alone(platform: Platform, api: Api) -> None:
     before = listening_mark(platform)
     with platform.control_engine.connect() as connection:
