@@ -29,7 +29,8 @@ Then, interleaved per repetition so that noise hits both sides alike:
   sqlite ``executemany`` into a typed table with the same secondary indexes;
   each run in a fresh process, peak RSS reported.
 - A table of where an API request's time goes (in process), part by part.
-- **O14** bytes per record including indexes against a hand-written typed table.
+- **O14** bytes per record including indexes against a hand-written typed table,
+  whose indexes exist before its rows are inserted, as D1's table's do.
 
 Run: ``.venv/bin/python -m bench.o1_o8_records [--quick] [--backend sqlite] [--only o1,o8]``
 """
