@@ -4,6 +4,15 @@ Tables are built without a schema name; the runtime renders each tenant's
 schema through ``schema_translate_map``, so the same ``Table`` objects serve
 every tenant with the same metadata and PostgreSQL sees the schema named in
 the SQL itself (no reliance on ``search_path``).
+
+The layout follows decision record 0012: columns are declared widest fixed
+width first (PostgreSQL pads each value to its alignment, so a ``bigint``
+after text costs up to 7 bytes a row), and the indexes that serve lists are
+partial, ``WHERE deleted_at IS NULL``, as every live list says, so a count
+or a filter is answered from the index alone. Unique indexes (their rule
+holds for soft-deleted records too) and lookup indexes (the foreign keys'
+``ON DELETE`` actions scan them without that condition) stay whole; the
+recycle bin has a small index of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +42,36 @@ def system_columns() -> list[sa.Column[Any]]:
     ]
 
 
+def storage_rank(column: sa.Column[Any]) -> int:
+    """Return where a column goes in its table: fixed widths, widest first, then the rest.
+
+    PostgreSQL lays a row out in declared order and pads each fixed-width value
+    to its alignment: UUIDs (16 bytes, no alignment) first, then 8-, 4-, 2- and
+    1-byte values, then variable-length ones (text, numeric, JSON). SQLite
+    stores every value in as few bytes as it needs, so the order costs it nothing.
+    """
+    kind = column.type
+    if isinstance(kind, sa.types.TypeDecorator):
+        kind = kind.impl_instance
+    if isinstance(kind, sa.Uuid):
+        return 0
+    if isinstance(kind, sa.DateTime | sa.BigInteger | sa.Float | sa.Time | sa.Interval):
+        return 1  # subclasses of Integer and Numeric: checked before those
+    if isinstance(kind, sa.SmallInteger):
+        return 3
+    if isinstance(kind, sa.Integer | sa.Date):
+        return 2
+    if isinstance(kind, sa.Boolean):
+        return 4
+    return 5
+
+
+def live_rows_only(table: sa.Table) -> dict[str, Any]:
+    """Return the options that make an index partial: only live (not soft-deleted) rows."""
+    live = table.c.deleted_at.is_(None)
+    return {"postgresql_where": live, "sqlite_where": live}
+
+
 def link_table_name(entity: str, field_name: str) -> str:
     """Return the name of the link table behind a many-to-many field."""
     return f"{entity}__{field_name}"
@@ -44,7 +83,12 @@ def field_columns(f: FieldDef) -> list[sa.Column[Any]]:
 
 
 def field_indexes(f: FieldDef, table: sa.Table) -> list[sa.Index]:
-    """Return the indexes one field asks for: ``indexed``, ``unique``, auto-numbers."""
+    """Return the indexes one field asks for: ``indexed``, ``unique``, auto-numbers.
+
+    A unique index covers every row (a soft-deleted record keeps its value, so a
+    restore cannot clash); a lookup's index too, as ``ON DELETE`` scans it for
+    deleted and live rows alike. An ``indexed`` field's index holds live rows only.
+    """
     ft = fieldtypes.get(f.type)
     if not ft.stored or not ft.indexable:
         return []
@@ -52,9 +96,13 @@ def field_indexes(f: FieldDef, table: sa.Table) -> list[sa.Index]:
     result = []
     if f.unique or f.type == "auto_number":
         result.append(sa.Index(constraint_name("uq", table.name, f.name), *columns, unique=True))
-    elif f.indexed or f.type == "lookup":
+    elif f.type == "lookup":
         # Lookups are always indexed: related lists and ON DELETE actions scan by them.
         result.append(sa.Index(constraint_name("ix", table.name, f.name), *columns))
+    elif f.indexed:
+        result.append(
+            sa.Index(constraint_name("ix", table.name, f.name), *columns, **live_rows_only(table))
+        )
     return result
 
 
@@ -68,11 +116,14 @@ def composite_index(entity: EntityDef, spec: dict[str, Any], table: sa.Table) ->
             f = entity.fields[name]
             columns.extend(table.c[c] for c in fieldtypes.get(f.type).column_names(f))
     unique = spec.get("unique", False)
-    if not unique:
-        # The id tiebreaker of keyset pagination, so a list sorted by the index's last
-        # column is served from the index alone (no extra sort step).
-        columns.append(table.c.id)
-    return sa.Index(constraint_name("ix", entity.name, spec["name"]), *columns, unique=unique)
+    if unique:
+        return sa.Index(constraint_name("ix", entity.name, spec["name"]), *columns, unique=True)
+    # The id tiebreaker of keyset pagination, so a list sorted by the index's last
+    # column is served from the index alone (no extra sort step).
+    columns.append(table.c.id)
+    return sa.Index(
+        constraint_name("ix", entity.name, spec["name"]), *columns, **live_rows_only(table)
+    )
 
 
 def entity_table(entity: EntityDef, metadata: sa.MetaData) -> sa.Table:
@@ -80,10 +131,22 @@ def entity_table(entity: EntityDef, metadata: sa.MetaData) -> sa.Table:
     columns: list[sa.Column[Any]] = system_columns()
     for f in entity.fields.values():
         columns.extend(field_columns(f))
-    table = sa.Table(entity.name, metadata, *columns)
-    sa.Index(constraint_name("ix", entity.name, "owner_id"), table.c.owner_id)
+    # A stable sort: columns of one width keep their order (system columns, then fields).
+    table = sa.Table(entity.name, metadata, *sorted(columns, key=storage_rank))
+    live = live_rows_only(table)
+    sa.Index(constraint_name("ix", entity.name, "owner_id"), table.c.owner_id, **live)
     # id ends the index so that keyset pages (ORDER BY created_at, id) read it in order.
-    sa.Index(constraint_name("ix", entity.name, "created_at"), table.c.created_at, table.c.id)
+    sa.Index(
+        constraint_name("ix", entity.name, "created_at"), table.c.created_at, table.c.id, **live
+    )
+    # The recycle bin (deleted=true lists) finds its rows here; it holds only those.
+    bin_rows = table.c.deleted_at.is_not(None)
+    sa.Index(
+        constraint_name("ix", entity.name, "deleted_at"),
+        table.c.deleted_at,
+        postgresql_where=bin_rows,
+        sqlite_where=bin_rows,
+    )
     for f in entity.fields.values():
         field_indexes(f, table)  # an Index on a table's columns attaches itself to the table
     for spec in entity.indexes:

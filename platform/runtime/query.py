@@ -39,6 +39,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.expression import (
@@ -843,12 +844,23 @@ def _deadline(connection: Connection, timeout_ms: int) -> Iterator[None]:
 
 
 class _Explain(sa.sql.expression.Executable, ClauseElement):
-    """``EXPLAIN (FORMAT JSON)`` of a query, with the query's parameters bound as usual."""
+    """``EXPLAIN (FORMAT JSON)`` of a query, with the query's parameters bound as usual.
 
-    inherit_cache = False
+    Its cache key is the query's, so the EXPLAIN of a list's count is compiled
+    once, like the count itself (compiling it each time cost ~0.3 ms of a count).
+    """
+
+    inherit_cache = True
+    _traverse_internals = [("statement", InternalTraversal.dp_clauseelement)]
 
     def __init__(self, statement: sa.Select[Any]) -> None:
         self.statement = statement
+
+    @property
+    def _all_selected_columns(self) -> Any:
+        # The compiled text's result map is the query's (compiled as the top statement);
+        # a cached compile matches its columns against these.
+        return self.statement._all_selected_columns
 
 
 @compiles(_Explain, "postgresql")

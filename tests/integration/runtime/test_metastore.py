@@ -525,3 +525,91 @@ def test_diff_lists_archive_steps_without_spurious_reorders(blank_store, minimal
     with blank_store.connect() as connection:
         plan = metastore.diff(connection, start, start + 1)
     assert [op.kind for op in plan.operations] == ["archive_field"]
+
+
+def _index_predicates(store: TenantStore, table: str) -> dict[str, str | None]:
+    """Return each index of a table with the WHERE of its definition (None: whole table)."""
+    with store.connect() as connection:
+        if store.schema:
+            found = connection.execute(
+                sa.text(
+                    "SELECT indexname, indexdef FROM pg_indexes "
+                    "WHERE schemaname = :schema AND tablename = :table"
+                ),
+                {"schema": store.schema, "table": table},
+            )
+        else:
+            found = connection.execute(
+                sa.text(
+                    "SELECT name, sql FROM sqlite_master "
+                    "WHERE type = 'index' AND tbl_name = :table AND sql IS NOT NULL"
+                ),
+                {"table": table},
+            )
+        result = {}
+        for name, definition in found:
+            _, where, predicate = definition.partition(" WHERE ")
+            result[name] = predicate.strip("() ").lower() if where else None
+        return result
+
+
+def test_list_indexes_hold_live_rows_and_unique_and_lookup_ones_every_row(
+    blank_store, minimal_bundle
+):
+    field(minimal_bundle, "city")["indexed"] = True
+    field(minimal_bundle, "score")["unique"] = True
+    lead(minimal_bundle)["fields"].append(
+        {"name": "referrer", "type": "lookup", "target": "lead", "label": {"en": "Referrer"}}
+    )
+    lead(minimal_bundle)["indexes"] = [{"name": "by_city_name", "fields": ["city", "name"]}]
+    publish(blank_store, minimal_bundle)
+    live, binned = "deleted_at is null", "deleted_at is not null"
+    expected = {
+        "ix_lead__owner_id": live,
+        "ix_lead__created_at": live,
+        "ix_lead__city": live,
+        "ix_lead__by_city_name": live,
+        "ix_lead__deleted_at": binned,
+        "uq_lead__score": None,
+        "ix_lead__referrer": None,
+    }
+    predicates = _index_predicates(blank_store, "lead")
+    assert {name: predicates.get(name) for name in expected} == expected
+    # SQLite rebuilds the table for a type change; its indexes come back the same.
+    field(minimal_bundle, "score").pop("max_length")
+    field(minimal_bundle, "score")["type"] = "integer"
+    publish(blank_store, minimal_bundle)
+    predicates = _index_predicates(blank_store, "lead")
+    assert {name: predicates.get(name) for name in expected} == expected
+
+
+def test_new_tables_lay_columns_out_fixed_widths_first(blank_store, minimal_bundle):
+    def f(name: str, kind: str) -> dict[str, Any]:
+        return {"name": name, "type": kind, "label": {"en": name}}
+
+    minimal_bundle["entities"].append(
+        {
+            "name": "visit",
+            "label": {"en": "Visit"},
+            "plural_label": {"en": "Visits"},
+            "title_field": "subject",
+            "fields": [
+                f("subject", "text"),
+                f("seats", "integer"),
+                f("note", "text"),
+                f("due", "date"),
+                f("vip", "boolean"),
+                f("met_at", "datetime"),
+            ],
+        }
+    )
+    publish(blank_store, minimal_bundle)
+    order = list(columns(blank_store, "visit"))
+    assert order.index("updated_by") < order.index("created_at")  # UUIDs, then 8 bytes
+    assert order.index("seats") < order.index("met_at") < order.index("version")  # 8, then 4
+    assert order.index("version") < order.index("due") < order.index("vip")  # 4, then 1
+    assert order.index("vip") < order.index("subject") < order.index("note")  # then the rest
+    # A field added later goes to the end of the existing table.
+    minimal_bundle["entities"][-1]["fields"].append(f("seen", "integer"))
+    publish(blank_store, minimal_bundle)
+    assert list(columns(blank_store, "visit"))[-1] == "seen"

@@ -962,6 +962,31 @@ def test_count_is_exact_up_to_the_threshold_then_estimated(world):
     assert len(seen) == 1 and "LIMIT 1001" in seen[0]
 
 
+def test_count_estimate_explains_each_count_with_its_own_values(world):
+    """The EXPLAIN behind an estimate is compiled once and bound anew on every count."""
+    if world.store.dialect != "postgresql":
+        pytest.skip("SQLite answers threshold + 1 without an estimate")
+    sent: list[Any] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *rest: Any) -> None:
+        if statement.startswith("EXPLAIN"):
+            sent.append(parameters)
+
+    event.listen(world.store.engine, "before_cursor_execute", record)
+    try:
+        for stage in ("won", "lost", "won"):
+            value, exact = world.count("deal", f'stage = "{stage}"', threshold=0)
+            assert not exact and value >= 1
+    finally:
+        event.remove(world.store.engine, "before_cursor_execute", record)
+    values = [sorted(str(v) for v in p.values()) for p in sent]
+    assert [("won" in v, "lost" in v) for v in values] == [
+        (True, False),
+        (False, True),
+        (True, False),
+    ]
+
+
 def test_count_refuses_bad_filters(world):
     refused(lambda: world.count("deal", "amount >"), "invalid_filter", "/filter")
 
