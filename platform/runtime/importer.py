@@ -451,6 +451,7 @@ def import_rows(
                 cipher,
                 bulk=True,
                 returning=False,
+                grouped=True,
             )
             created += len(made)
         except records.RecordInvalid as exc:

@@ -193,6 +193,25 @@ def get(
 # -- validation ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _CreatePlan:
+    """What a create adds to a payload's own values, worked out once per entity."""
+
+    #: Fields a create fills when the payload leaves them out: a default, or "is required".
+    unwritten: tuple[FieldDef, ...]
+    #: Fields that must not be empty.
+    required: frozenset[str]
+
+
+@functools.lru_cache(maxsize=1024)
+def _create_plan(entity: EntityModel) -> _CreatePlan:
+    active = list(entity.entity.active_fields())
+    return _CreatePlan(
+        tuple(f for f in active if f.type not in ("formula", "auto_number", "many_to_many")),
+        frozenset(f.name for f in active if f.required),
+    )
+
+
 def _validate(
     c: _Context, data: Any, *, creating: bool, pointer: str = ""
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
@@ -205,17 +224,18 @@ def _validate(
     errors = screened + [
         {"pointer": f"{pointer}/{name}", "message": message} for name, message in problems.items()
     ]
+    plan = _create_plan(c.entity)
     if creating:
-        for f in c.entity.entity.active_fields():
-            if f.name in data or f.type in ("formula", "auto_number", "many_to_many"):
+        for f in plan.unwritten:
+            if f.name in data:
                 continue
             if f.has_default:
                 values[f.name] = fieldtypes.get(f.type).coerce(f, f.default)
             elif f.required:
                 errors.append({"pointer": f"{pointer}/{f.name}", "message": "is required"})
     sqlite = c.connection.dialect.name == "sqlite"
+    required = plan.required
     for name, value in values.items():
-        f = c.entity.entity.fields[name]
         if (
             sqlite
             and isinstance(value, decimal.Decimal)
@@ -229,7 +249,7 @@ def _validate(
                     "database (SQLite) stores exactly",
                 }
             )
-        if f.required and (value is None or value == "" or value == []):
+        if name in required and (value is None or value == "" or value == []):
             errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
     return values, errors
 
@@ -334,14 +354,29 @@ def _shown(c: _Context) -> tuple[TenantModel, EntityModel]:
     return model, model.entities[c.entity.name]
 
 
+@functools.lru_cache(maxsize=1024)
+def _reference_fields(entity: EntityModel) -> dict[str, FieldDef]:
+    """Return the fields whose values point at records (lookups, relations, related-to)."""
+    kinds = ("lookup", "many_to_many", "related_to")
+    return {f.name: f for f in entity.entity.active_fields() if f.type in kinds}
+
+
+@functools.lru_cache(maxsize=1024)
+def _unique_fields(entity: EntityModel) -> frozenset[str]:
+    return frozenset(f.name for f in entity.entity.active_fields() if f.unique)
+
+
 def _check_references(c: _Context, rows: Sequence[tuple[str, dict[str, Any]]]) -> list[dict]:
     """Check that lookups, relations and related-to values point at live records."""
+    references = _reference_fields(c.entity)
+    if not references:
+        return []
     wanted: dict[str, set[uuid.UUID]] = {}
     for _, values in rows:
         for name, value in values.items():
-            f = c.entity.entity.fields[name]
-            if value is None:
+            if value is None or name not in references:
                 continue
+            f = references[name]
             if f.type == "lookup":
                 wanted.setdefault(f.get("target"), set()).add(value)
             elif f.type == "many_to_many":
@@ -359,9 +394,9 @@ def _check_references(c: _Context, rows: Sequence[tuple[str, dict[str, Any]]]) -
     errors = []
     for pointer, values in rows:
         for name, value in values.items():
-            f = c.entity.entity.fields[name]
-            if value is None:
+            if value is None or name not in references:
                 continue
+            f = references[name]
             if f.type == "lookup" and value not in found[f.get("target")]:
                 errors.append(
                     {
@@ -400,13 +435,15 @@ def _check_unique(
     One ``IN (...)`` query per unique field and chunk of values, whatever the
     number of rows: a 500-row batch of an import must not cost 500 round trips.
     """
+    unique = _unique_fields(c.entity)
+    if not unique:
+        return []
     errors = []
     seen: dict[tuple[str, Any], str] = {}
     wanted: dict[str, list[tuple[str, Any, uuid.UUID | None]]] = {}
     for pointer, values, own_id in rows:
         for name, value in values.items():
-            f = c.entity.entity.fields[name]
-            if not f.unique or value is None:
+            if value is None or name not in unique:
                 continue
             key = (name, value)
             if key in seen:
@@ -645,6 +682,51 @@ def _log_many(
     _log_each(c, operation, [(record_id, changes, version) for record_id, changes in entries])
 
 
+def _log_group(
+    c: _Context, operation: str, entries: Sequence[tuple[uuid.UUID, dict[str, Any]]], version: int
+) -> None:
+    """Record many new records with one outbox event and one audit entry (imports).
+
+    The audit entry (``record_id`` empty, ``detail.records`` the count) holds
+    ``changes`` as ``{record id: {field: value}}``: every created record and the
+    values it was created with, which is what per-record entries said as
+    ``[null, value]`` pairs. The outbox event carries the ids (``payload.ids``);
+    a consumer reads the records it needs. Readers that look for one record
+    (the audit API's ``record_id`` filter) look inside such entries too
+    (:func:`metacrm.runtime.audittrail.about_record`). Decision record 0010.
+    """
+    ids = [str(record_id) for record_id, _ in entries]
+    c.connection.execute(
+        outbox.insert().values(
+            created_at=c.now,
+            event=f"record.{operation}",
+            entity=c.entity.name,
+            record_id=None,
+            actor_id=c.caller.user_id,
+            payload={
+                "entity": c.entity.name,
+                "ids": ids,
+                "operation": operation,
+                "version": version,
+            },
+        )
+    )
+    audittrail.append(
+        c.connection,
+        action=f"record.{operation}",
+        actor_id=c.caller.user_id,
+        actor_name=c.caller.name,
+        entity=c.entity.name,
+        record_id=None,
+        changes={
+            record_id: {name: change[1] for name, change in changes.items()}
+            for record_id, (_, changes) in zip(ids, entries, strict=True)
+        },
+        detail={"version": version, audittrail.GROUPED: len(ids)},
+        at=c.now,
+    )
+
+
 def _fetch_many(
     connection: Connection,
     model: TenantModel,
@@ -705,6 +787,10 @@ def _integrity(c: _Context, exc: sa.exc.IntegrityError, pointer: str = "") -> Re
     )
 
 
+#: The columns every created row gets from the write itself (the same for the whole call).
+_STAMPS = ("created_at", "created_by", "updated_at", "updated_by", "version")
+
+
 @_in_savepoint
 def create_many(
     connection: Connection,
@@ -716,11 +802,15 @@ def create_many(
     *,
     bulk: bool = False,
     returning: bool = True,
+    grouped: bool = False,
 ) -> list[dict[str, Any]]:
     """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``.
 
     Without ``returning`` the records are not read back (an import needs only how
-    many): each answer is ``{"id": ...}``.
+    many): each answer is ``{"id": ...}``. With ``grouped`` the records created by
+    the call share one audit entry and one outbox event (see :func:`_log_group`)
+    instead of one each: an import writes thousands of records a second, and an
+    entry of its own per record cost more than the record.
     """
     c = _context(connection, model, entity, caller, cipher)
     prepared: list[tuple[str, dict[str, Any]]] = []
@@ -728,7 +818,8 @@ def create_many(
     for index, data in enumerate(items):
         pointer = f"/{index}" if bulk else ""
         values, problems = _validate(c, data, creating=True, pointer=pointer)
-        errors.extend(problems)
+        if problems:
+            errors.extend(problems)
         prepared.append((pointer, values))
     # Values that passed their own checks are checked against the data too, so one
     # answer lists every problem.
@@ -736,39 +827,23 @@ def create_many(
     errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
     if errors:
         raise _refused(c, errors)
-    created: list[tuple[str, uuid.UUID]] = []
-    rows = []
     numbers = {
         f.name: iter(_next_numbers(c, f, len(prepared)))
         for f in entity.entity.active_fields()
         if f.type == "auto_number"
     }
+    stamps = dict(zip(_STAMPS, (c.now, caller.user_id, c.now, caller.user_id, 1), strict=True))
+    rows: list[tuple[str, uuid.UUID, dict[str, Any], dict[str, Any]]] = []
     for pointer, values in prepared:
         record_id = uuid7()
         owner, team = c.owners.get(pointer, (caller.user_id, caller.team_id))
-        row = {
-            "id": record_id,
-            "owner_id": owner,
-            "team_id": team,
-            "created_at": c.now,
-            "created_by": caller.user_id,
-            "updated_at": c.now,
-            "updated_by": caller.user_id,
-            "version": 1,
-            **_columns_of(c, values),
-        }
+        row = {"id": record_id, "owner_id": owner, "team_id": team, **_columns_of(c, values)}
         for name, block in numbers.items():
             row[name] = next(block)
         rows.append((pointer, record_id, row, values))
-        created.append((pointer, record_id))
+    created = [(pointer, record_id) for pointer, record_id, _, _ in rows]
     try:
-        # One executemany per set of columns (rows of one import share theirs): a
-        # statement per row would make the round trips, not the work, the cost.
-        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for _pointer, _record_id, row, _values in rows:
-            groups.setdefault(tuple(row), []).append(row)
-        for group in groups.values():
-            connection.execute(entity.table.insert(), group)
+        _insert(c, stamps, [row for _, _, row, _ in rows])
         if entity.links:
             for _pointer, record_id, _row, values in rows:
                 _write_relations(c, record_id, values)
@@ -777,23 +852,102 @@ def create_many(
     errors = _check_rules(c, created)
     if errors:
         raise _refused(c, errors)
+    audited = _audited_fields(entity)
+    numbered = tuple(numbers)
     entries = []
     for _pointer, record_id, row, values in rows:
         changes = {
-            name: [None, _audit_value(entity.entity.fields.get(name), value)]
-            for name, value in values.items()
+            name: [None, _audit_value(audited.get(name), value)] for name, value in values.items()
         }
-        for f in entity.entity.active_fields():
-            if f.type == "auto_number":
-                changes[f.name] = [None, row[f.name]]
+        for name in numbered:
+            changes[name] = [None, row[name]]
         if row["owner_id"] != caller.user_id:
             changes["owner_id"] = [None, json_value(row["owner_id"])]
         entries.append((record_id, changes))
-    _log_many(c, "create", entries, 1)
+    if grouped and len(entries) > 1:
+        _log_group(c, "create", entries, 1)
+    else:
+        _log_many(c, "create", entries, 1)
     if not returning:
         return [{"id": str(record_id)} for _, record_id in created]
     shown_model, shown = _shown(c)
     return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
+
+
+@functools.lru_cache(maxsize=1024)
+def _audited_fields(entity: EntityModel) -> dict[str, FieldDef]:
+    """Return the fields whose audit value is not their JSON value (masked, pairs)."""
+    kinds = ("encrypted_text", "related_to")
+    return {f.name: f for f in entity.entity.active_fields() if f.type in kinds}
+
+
+def _insert(c: _Context, stamps: Mapping[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    """Insert new rows with the driver's fastest bulk path, in the caller's transaction.
+
+    PostgreSQL takes them by ``COPY ... FROM STDIN``, SQLite by one ``executemany``;
+    each value goes through its column type's bind processing first, as it would
+    through an INSERT statement, and ``stamps`` (the same for every row) once.
+    A column some rows leave out is NULL for them, which is what leaving it out
+    means (a column with a default is never left out: defaults are filled in by
+    validation); when one has a server default anyway, rows go by key set.
+    """
+    names = list(stamps)
+    seen = set(names)
+    for row in rows:
+        if len(row) + len(stamps) != len(names) or not seen.issuperset(row):
+            for name in row:
+                if name not in seen:
+                    seen.add(name)
+                    names.append(name)
+    table = c.table
+    partial = [n for n in names if n not in stamps and any(n not in row for row in rows)]
+    if any(table.c[n].server_default is not None for n in partial):
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(tuple(row), []).append(row)
+        for key, group in groups.items():
+            _write_rows(c, [*stamps, *key], stamps, group)
+        return
+    _write_rows(c, names, stamps, rows)
+
+
+def _write_rows(
+    c: _Context, names: Sequence[str], stamps: Mapping[str, Any], rows: Sequence[dict[str, Any]]
+) -> None:
+    dialect = c.connection.dialect
+    count = len(rows)
+    columns: list[list[Any]] = []
+    for name in names:
+        process = c.table.c[name].type._cached_bind_processor(dialect)
+        if name in stamps:
+            value = stamps[name]
+            columns.append([process(value) if process else value] * count)
+            continue
+        values = [row.get(name) for row in rows]
+        columns.append([process(v) for v in values] if process else values)
+    params = list(zip(*columns, strict=True))
+    quote = dialect.identifier_preparer.quote
+    target = quote(c.table.name)
+    schema = (c.connection.get_execution_options().get("schema_translate_map") or {}).get(None)
+    if schema:
+        target = f"{dialect.identifier_preparer.quote_schema(schema)}.{target}"
+    listed = ", ".join(quote(name) for name in names)
+    cursor = c.connection.connection.cursor()
+    try:
+        if dialect.name == "postgresql":
+            statement = f"COPY {target} ({listed}) FROM STDIN"
+            with cursor.copy(statement) as copy:
+                for values in params:
+                    copy.write_row(values)
+        else:
+            statement = f"INSERT INTO {target} ({listed}) VALUES ({', '.join('?' * len(names))})"
+            cursor.executemany(statement, params)
+    except c.connection.dialect.loaded_dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(
+            statement, None, exc, c.connection.dialect.loaded_dbapi.Error
+        ) from exc
+    finally:
+        cursor.close()
 
 
 def create(

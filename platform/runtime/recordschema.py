@@ -1,4 +1,4 @@
-"""Marshmallow schemas generated from field metadata: what a record payload may hold.
+"""What a record payload may hold, read by converters chosen from field metadata.
 
 Each field's value goes through its field type's ``coerce`` (the same rules the
 metadata validator applies to defaults), so there is one definition of what a
@@ -11,10 +11,9 @@ from __future__ import annotations
 import difflib
 import functools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
-
-import marshmallow as ma
 
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.fieldtypes import ValueProblem
@@ -35,43 +34,24 @@ def _uuid(value: Any) -> uuid.UUID:
         raise ValueProblem("must be a record id (a UUID string)") from None
 
 
-class MetadataField(ma.fields.Field):
-    """A marshmallow field whose rules come from a metadata field definition."""
+def _related_to(f: FieldDef, value: Any) -> tuple[str, uuid.UUID]:
+    targets = f.get("targets", [])
+    if not isinstance(value, Mapping) or set(value) != {"entity", "id"}:
+        raise ValueProblem('must be {"entity": …, "id": …}')
+    if value["entity"] not in targets:
+        raise ValueProblem(f"entity must be one of: {', '.join(targets)}")
+    return value["entity"], _uuid(value["id"])
 
-    def __init__(self, definition: FieldDef, **kwargs: Any) -> None:
-        super().__init__(allow_none=True, **kwargs)
-        self.definition = definition
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        f = self.definition
-        try:
-            if f.type in ("lookup", "user"):
-                return _uuid(value)
-            if f.type == "related_to":
-                return self._related_to(value)
-            if f.type == "many_to_many":
-                return self._relation(value)
-            return fieldtypes.get(f.type).coerce(f, value)
-        except ValueProblem as exc:
-            raise ma.ValidationError(str(exc)) from None
-
-    def _related_to(self, value: Any) -> tuple[str, uuid.UUID]:
-        targets = self.definition.get("targets", [])
-        if not isinstance(value, Mapping) or set(value) != {"entity", "id"}:
-            raise ValueProblem('must be {"entity": …, "id": …}')
-        if value["entity"] not in targets:
-            raise ValueProblem(f"entity must be one of: {', '.join(targets)}")
-        return value["entity"], _uuid(value["id"])
-
-    def _relation(self, value: Any) -> list[uuid.UUID]:
-        if not isinstance(value, list):
-            raise ValueProblem("must be a list of record ids")
-        if len(value) > MAX_RELATION_ITEMS:
-            raise ValueProblem(f"has {len(value)} items; the limit is {MAX_RELATION_ITEMS}")
-        ids = [_uuid(v) for v in value]
-        if len(set(ids)) != len(ids):
-            raise ValueProblem("must not repeat a record id")
-        return ids
+def _relation(f: FieldDef, value: Any) -> list[uuid.UUID]:
+    if not isinstance(value, list):
+        raise ValueProblem("must be a list of record ids")
+    if len(value) > MAX_RELATION_ITEMS:
+        raise ValueProblem(f"has {len(value)} items; the limit is {MAX_RELATION_ITEMS}")
+    ids = [_uuid(v) for v in value]
+    if len(set(ids)) != len(ids):
+        raise ValueProblem("must not repeat a record id")
+    return ids
 
 
 def _refusal(entity: EntityModel, name: str) -> str | None:
@@ -89,32 +69,98 @@ def _refusal(entity: EntityModel, name: str) -> str | None:
     return None
 
 
+Converter = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class PayloadPlan:
+    """How one entity's payloads are read: a converter per writable field, chosen once.
+
+    A record write reads a payload a field at a time; a schema library's machinery
+    per field (the marshmallow schema this replaced) cost more than the rest of a
+    bulk create together, about 0.17 ms a row. The converters are the field types'
+    own ``coerce`` (so there is still one definition of a valid value), each behind
+    a check that accepts the common, plainly valid value (a short string, a listed
+    option, a whole number in range) without the call.
+    """
+
+    #: (field name, converter) of every field a payload may write, in field order.
+    converters: tuple[tuple[str, Converter], ...]
+    writable: frozenset[str]
+
+
+def _accepting(f: FieldDef, accept: Callable[[Any], bool]) -> Converter:
+    """Return a converter that keeps what ``accept`` passes and asks ``coerce`` otherwise.
+
+    ``accept`` only ever passes values that ``coerce`` would return unchanged, so
+    the answer (value or message) is the same either way.
+    """
+    coerce = fieldtypes.get(f.type).coerce
+
+    def convert(value: Any) -> Any:
+        return value if accept(value) else coerce(f, value)
+
+    return convert
+
+
+def _converter(f: FieldDef) -> Converter:
+    if f.type in ("lookup", "user"):
+        return _uuid
+    if f.type == "related_to":
+        return functools.partial(_related_to, f)
+    if f.type == "many_to_many":
+        return functools.partial(_relation, f)
+    if f.type in ("text", "long_text", "encrypted_text") and not f.get("pattern"):
+        shortest, longest = f.get("min_length", 0), fieldtypes.max_length(f)
+        return _accepting(f, lambda v: type(v) is str and shortest <= len(v) <= longest)
+    if f.type == "single_select":
+        options = frozenset(
+            o["value"] for o in f.get("options", []) if not o.get("archived", False)
+        )
+        return _accepting(f, lambda v: type(v) is str and v in options)
+    if f.type == "integer":
+        low = -(2**63) if f.get("min") is None else max(f.get("min"), -(2**63))
+        high = 2**63 - 1 if f.get("max") is None else min(f.get("max"), 2**63 - 1)
+        return _accepting(f, lambda v: type(v) is int and low <= v <= high)
+    return functools.partial(fieldtypes.get(f.type).coerce, f)
+
+
 @functools.lru_cache(maxsize=1024)
-def payload_schema(entity: EntityModel) -> ma.Schema:
-    """Return the schema of a payload for one entity (all fields optional)."""
-    declared = {
-        f.name: MetadataField(f)
-        for f in entity.entity.active_fields()
-        if f.type not in COMPUTED_TYPES and not f.read_only
-    }
-    return ma.Schema.from_dict(declared, name=f"{entity.name.title()}PayloadSchema")(
-        unknown=ma.RAISE
+def payload_plan(entity: EntityModel) -> PayloadPlan:
+    """Return the converters of one entity's payloads (cached with the entity)."""
+    fields = [
+        f for f in entity.entity.active_fields() if f.type not in COMPUTED_TYPES and not f.read_only
+    ]
+    return PayloadPlan(
+        tuple((f.name, _converter(f)) for f in fields),
+        frozenset(f.name for f in fields if f.name not in SYSTEM_FIELDS),
     )
 
 
 def load_payload(entity: EntityModel, data: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
-    """Return (values, errors): coerced values, and a message per refused field."""
+    """Return (values, errors): coerced values, and a message per refused field.
+
+    Refused names come first, in the payload's order; then each field's problem,
+    in field order (the order values come in too). Null is taken for any field:
+    whether it may be empty is the caller's question (``required``).
+    """
+    plan = payload_plan(entity)
     errors: dict[str, str] = {}
-    for name in data:
-        problem = _refusal(entity, str(name))
-        if problem:
-            errors[str(name)] = problem
-    allowed = {k: v for k, v in data.items() if k not in errors}
-    try:
-        values = payload_schema(entity).load(allowed)
-    except ma.ValidationError as exc:
-        messages = exc.messages if isinstance(exc.messages, dict) else {"": exc.messages}
-        for name, problem in messages.items():
-            errors[str(name)] = problem[0] if isinstance(problem, list) else str(problem)
-        values = dict(exc.valid_data or {}) if isinstance(exc.valid_data, dict) else {}
+    if not plan.writable.issuperset(data):
+        for name in data:
+            problem = _refusal(entity, str(name))
+            if problem:
+                errors[str(name)] = problem
+    values: dict[str, Any] = {}
+    for name, convert in plan.converters:
+        if name not in data:
+            continue
+        value = data[name]
+        if value is None:
+            values[name] = None
+            continue
+        try:
+            values[name] = convert(value)
+        except ValueProblem as exc:
+            errors[name] = str(exc)
     return values, errors
