@@ -197,8 +197,9 @@ def get(
 class _CreatePlan:
     """What a create adds to a payload's own values, worked out once per entity."""
 
-    #: Fields a create fills when the payload leaves them out: a default, or "is required".
-    unwritten: tuple[FieldDef, ...]
+    #: (name, field) of the fields a create fills when the payload leaves them out: a
+    #: default, or "is required".
+    unwritten: tuple[tuple[str, FieldDef], ...]
     #: Fields that must not be empty.
     required: frozenset[str]
 
@@ -207,7 +208,9 @@ class _CreatePlan:
 def _create_plan(entity: EntityModel) -> _CreatePlan:
     active = list(entity.entity.active_fields())
     return _CreatePlan(
-        tuple(f for f in active if f.type not in ("formula", "auto_number", "many_to_many")),
+        tuple(
+            (f.name, f) for f in active if f.type not in ("formula", "auto_number", "many_to_many")
+        ),
         frozenset(f.name for f in active if f.required),
     )
 
@@ -226,13 +229,13 @@ def _validate(
     ]
     plan = _create_plan(c.entity)
     if creating:
-        for f in plan.unwritten:
-            if f.name in data:
+        for name, f in plan.unwritten:
+            if name in data:
                 continue
             if f.has_default:
-                values[f.name] = fieldtypes.get(f.type).coerce(f, f.default)
+                values[name] = fieldtypes.get(f.type).coerce(f, f.default)
             elif f.required:
-                errors.append({"pointer": f"{pointer}/{f.name}", "message": "is required"})
+                errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
     sqlite = c.connection.dialect.name == "sqlite"
     required = plan.required
     for name, value in values.items():
@@ -552,8 +555,17 @@ def _next_numbers(c: _Context, f: FieldDef, count: int) -> list[str]:
     return [f"{prefix}{str(value).zfill(padding)}" for value in range(last - count + 1, last + 1)]
 
 
+@functools.lru_cache(maxsize=1024)
+def _unlike_columns(entity: EntityModel) -> frozenset[str]:
+    """Return the fields whose value is not simply their column's value."""
+    kinds = ("many_to_many", "related_to", "encrypted_text")
+    return frozenset(f.name for f in entity.entity.active_fields() if f.type in kinds)
+
+
 def _columns_of(c: _Context, values: Mapping[str, Any]) -> dict[str, Any]:
     """Turn coerced field values into column values (related-to pairs, ciphertext)."""
+    if _unlike_columns(c.entity).isdisjoint(values):
+        return dict(values)
     columns: dict[str, Any] = {}
     for name, value in values.items():
         f = c.entity.entity.fields[name]
@@ -687,6 +699,8 @@ def _log_group(
 ) -> None:
     """Record many new records with one outbox event and one audit entry (imports).
 
+    ``entries`` holds each record's id and its values as the audit trail keeps them.
+
     The audit entry (``record_id`` empty, ``detail.records`` the count) holds
     ``changes`` as ``{record id: {field: value}}``: every created record and the
     values it was created with, which is what per-record entries said as
@@ -718,10 +732,7 @@ def _log_group(
         actor_name=c.caller.name,
         entity=c.entity.name,
         record_id=None,
-        changes={
-            record_id: {name: change[1] for name, change in changes.items()}
-            for record_id, (_, changes) in zip(ids, entries, strict=True)
-        },
+        changes={record_id: values for record_id, (_, values) in zip(ids, entries, strict=True)},
         detail={"version": version, audittrail.GROUPED: len(ids)},
         at=c.now,
     )
@@ -853,32 +864,52 @@ def create_many(
     if errors:
         raise _refused(c, errors)
     audited = _audited_fields(entity)
-    numbered = tuple(numbers)
     entries = []
     for _pointer, record_id, row, values in rows:
-        changes = {
-            name: [None, _audit_value(audited.get(name), value)] for name, value in values.items()
-        }
-        for name in numbered:
-            changes[name] = [None, row[name]]
+        created_with = dict(values)
+        for name in audited.keys() & values.keys():
+            created_with[name] = _audit_value(audited[name], values[name])
+        for name in numbers:
+            created_with[name] = row[name]
         if row["owner_id"] != caller.user_id:
-            changes["owner_id"] = [None, json_value(row["owner_id"])]
-        entries.append((record_id, changes))
+            created_with["owner_id"] = json_value(row["owner_id"])
+        entries.append((record_id, created_with))
     if grouped and len(entries) > 1:
         _log_group(c, "create", entries, 1)
     else:
-        _log_many(c, "create", entries, 1)
+        _log_many(
+            c,
+            "create",
+            [(r, {name: [None, value] for name, value in new.items()}) for r, new in entries],
+            1,
+        )
     if not returning:
         return [{"id": str(record_id)} for _, record_id in created]
     shown_model, shown = _shown(c)
     return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
 
 
+#: Field types whose values are already the JSON the audit trail keeps (text, numbers).
+_JSON_NATIVE = frozenset(
+    {
+        "text",
+        "long_text",
+        "rich_text",
+        "email",
+        "phone",
+        "url",
+        "single_select",
+        "integer",
+        "boolean",
+        "auto_number",
+    }
+)
+
+
 @functools.lru_cache(maxsize=1024)
 def _audited_fields(entity: EntityModel) -> dict[str, FieldDef]:
-    """Return the fields whose audit value is not their JSON value (masked, pairs)."""
-    kinds = ("encrypted_text", "related_to")
-    return {f.name: f for f in entity.entity.active_fields() if f.type in kinds}
+    """Return the fields whose values need :func:`_audit_value` (all but :data:`_JSON_NATIVE`)."""
+    return {f.name: f for f in entity.entity.active_fields() if f.type not in _JSON_NATIVE}
 
 
 def _insert(c: _Context, stamps: Mapping[str, Any], rows: Sequence[dict[str, Any]]) -> None:

@@ -8,6 +8,7 @@ are refused here with messages that say why.
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import functools
 import uuid
@@ -122,7 +123,41 @@ def _converter(f: FieldDef) -> Converter:
         low = -(2**63) if f.get("min") is None else max(f.get("min"), -(2**63))
         high = 2**63 - 1 if f.get("max") is None else min(f.get("max"), 2**63 - 1)
         return _accepting(f, lambda v: type(v) is int and low <= v <= high)
+    if fieldtypes.get(f.type).coerce is fieldtypes.get("decimal").coerce:
+        return _decimal_converter(f)
     return functools.partial(fieldtypes.get(f.type).coerce, f)
+
+
+def _decimal_converter(f: FieldDef) -> Converter:
+    """Return ``coerce`` of a decimal-like field with its shape and bounds worked out once.
+
+    Text and whole numbers that fit become their Decimal here; anything else (a
+    float, a value out of shape) goes to ``coerce``, which returns or refuses it.
+    """
+    coerce = fieldtypes.get(f.type).coerce
+    precision, scale = fieldtypes.decimal_shape(f)
+    limit = decimal.Decimal(10) ** (precision - scale)
+    quantum = decimal.Decimal(1).scaleb(-scale)
+    low, high = f.get("min"), f.get("max")
+
+    def convert(value: Any) -> Any:
+        kind = type(value)
+        if kind is str or kind is int:
+            try:
+                number = decimal.Decimal(value)
+            except decimal.InvalidOperation:
+                return coerce(f, value)
+            if (
+                number.is_finite()
+                and abs(number) < limit
+                and number == number.quantize(quantum, decimal.ROUND_HALF_EVEN)
+                and (low is None or number >= low)
+                and (high is None or number <= high)
+            ):
+                return number
+        return coerce(f, value)
+
+    return convert
 
 
 @functools.lru_cache(maxsize=1024)
