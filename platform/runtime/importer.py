@@ -300,6 +300,11 @@ def cell_reader(f: FieldDef | None) -> Callable[[str], Any]:
     return _READERS.get(field_type(f.type).value_type, _as_is)
 
 
+def _unless_as_is(read: Callable[[str], Any]) -> Callable[[str], Any] | None:
+    """Return a column's reader, or None when cells are taken as they are (no call per cell)."""
+    return None if read is _as_is else read
+
+
 def csv_rows(
     entity: EntityModel, source: TextIO, delimiter: str = ",", skip: Collection[str] = ()
 ) -> tuple[ColumnMap, Iterator[Row | RowProblem]]:
@@ -316,11 +321,16 @@ def csv_rows(
         raise UnreadableFile([{"pointer": "/rows/1", "message": f"line 1: {exc}"}]) from None
     mapping = map_columns(entity, header, skip)
     columns = [
-        (name, cell_reader(entity.entity.fields.get(name)))
+        (name, _unless_as_is(cell_reader(entity.entity.fields.get(name))))
         for name in mapping.fields
         if name is not None
     ]
-    used = [name is not None for name in mapping.fields]
+    used = [index for index, name in enumerate(mapping.fields) if name is not None]
+
+    def pick(cells: list[str]) -> Sequence[str]:
+        """Return the cells of the used columns (a file's skipped columns left out)."""
+        return [cells[index] for index in used]
+
     width = len(header)
 
     def rows() -> Iterator[Row | RowProblem]:
@@ -341,9 +351,8 @@ def csv_rows(
                 continue
             payload: dict[str, Any] = {}
             problems = []
-            kept = (cell for cell, wanted in zip(cells, used, strict=True) if wanted)
-            for (name, read), cell in zip(columns, kept, strict=True):
-                if cell == "":
+            for (name, read), cell in zip(columns, pick(cells), strict=True):
+                if not cell:
                     continue
                 if "\x00" in cell or len(cell) > MAX_CELL:
                     problems.append(
@@ -355,7 +364,9 @@ def csv_rows(
                         }
                     )
                     continue
-                payload[name] = read(spreadsheet.restore(cell))
+                if cell[0] == "'":
+                    cell = spreadsheet.restore(cell)
+                payload[name] = cell if read is None else read(cell)
             yield RowProblem(number, problems) if problems else Row(number, payload)
 
     return mapping, rows()
