@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from metacrm.runtime import metastore, records, tenancy
+from metacrm.runtime import audittrail, metastore, records, tenancy
 from metacrm.runtime.records import Caller, RecordInvalid, RecordNotFound, VersionMismatch
 from metacrm.runtime.store import audit, outbox
 
@@ -228,6 +228,80 @@ def test_unique_values_get_a_clear_error(tenant):
         customer(tenant, email="a@x.example")
     assert info.value.errors[0]["pointer"] == "/email"
     assert "unique" in info.value.errors[0]["message"]
+
+
+def test_a_unique_clash_past_the_checks_is_refused_by_the_bulk_write(tenant, monkeypatch):
+    """A race the unique check cannot see (COPY on PostgreSQL, executemany on SQLite)
+    is the constraint's refusal, told as a field error, and stores nothing."""
+    platform, _ = tenant
+    _make_customer_email_unique(tenant)
+    customer(tenant, email="raced@x.example")
+    before = counts(tenant)
+    monkeypatch.setattr(records, "_check_unique", lambda c, rows: [])
+    items = [{"name": "a", "email": "free@x.example"}, {"name": "b", "email": "raced@x.example"}]
+    with pytest.raises(RecordInvalid) as info:
+        run(tenant, records.create_many, "customer", items, CALLER, platform.cipher, bulk=True)
+    if tenant[1].dialect == "postgresql":  # the error names the constraint
+        expected = {"pointer": "/email", "message": "must be unique; another record has this value"}
+    else:  # SQLite names the columns only
+        expected = {
+            "pointer": "/",
+            "message": "the change conflicts with other records (a constraint refused it)",
+        }
+    assert info.value.errors == [expected]
+    assert counts(tenant) == before
+
+
+def test_a_grouped_create_writes_one_audit_entry_and_one_event(tenant):
+    """Imports pass ``grouped``: the batch's records share one entry and one event."""
+    platform, store = tenant
+    before = counts(tenant)
+    items = [
+        {"name": "g1", "email": "g1@x.example"},
+        {"name": "g2", "kind": "company"},
+        {"name": "g3", "lifetime_value": "12.50", "tags": ["a"]},
+    ]
+    made = run(
+        tenant,
+        records.create_many,
+        "customer",
+        items,
+        CALLER,
+        platform.cipher,
+        bulk=True,
+        returning=False,
+        grouped=True,
+    )
+    assert counts(tenant) == (before[0] + 1, before[1] + 1)
+    with store.connect() as connection:
+        entry = connection.execute(sa.select(audit).order_by(audit.c.seq.desc())).first()
+        event = connection.execute(sa.select(outbox).order_by(outbox.c.id.desc())).first()
+        assert audittrail.verify(connection).ok
+    ids = [m["id"] for m in made]
+    assert entry.action == "record.create" and entry.record_id is None
+    assert entry.entity == "customer" and entry.detail == {"version": 1, "records": 3}
+    assert audittrail.is_grouped(entry._mapping)
+    assert list(entry.changes) == ids
+    # The values each record was created with, defaults included.
+    assert entry.changes[ids[0]].items() >= {"name": "g1", "email": "g1@x.example"}.items()
+    assert entry.changes[ids[0]]["kind"] == "company"
+    assert entry.changes[ids[2]]["lifetime_value"] in ("12.50", "12.5")
+    assert entry.changes[ids[2]]["tags"] == ["a"]
+    assert event.event == "record.create" and event.record_id is None
+    assert event.payload == {"entity": "customer", "ids": ids, "operation": "create", "version": 1}
+    # One record alone keeps an entry of its own, grouped or not.
+    run(
+        tenant,
+        records.create_many,
+        "customer",
+        [{"name": "g4"}],
+        CALLER,
+        platform.cipher,
+        grouped=True,
+    )
+    with store.connect() as connection:
+        single = connection.execute(sa.select(audit).order_by(audit.c.seq.desc())).first()
+    assert single.record_id is not None and single.changes["name"] == [None, "g4"]
 
 
 def test_bulk_unique_checks_name_taken_and_repeated_values_per_row(tenant):
