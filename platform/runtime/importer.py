@@ -2,9 +2,10 @@
 
 An import is a bulk create with a file's manners, and nothing more privileged:
 every row goes through :func:`metacrm.runtime.records.create_many` (the same
-validation, field-level security, owner scope, unique and reference checks,
-audit entry and outbox event as ``POST /records/<entity>``), in batches of
-:data:`BATCH` rows inside one transaction. Either every row is stored or none:
+validation, field-level security, owner scope, unique and reference checks as
+``POST /records/<entity>``), in batches of :data:`BATCH` rows inside one
+transaction. Each batch is audited as one grouped ``record.create`` entry and
+one outbox event (decision record 0010). Either every row is stored or none:
 
 - a refused batch is rolled back to its savepoint and the next batches are
   still checked, so one answer lists the problems of the whole file (up to
