@@ -202,6 +202,10 @@ class _CreatePlan:
     unwritten: tuple[tuple[str, FieldDef], ...]
     #: Fields that must not be empty.
     required: frozenset[str]
+    #: Fields whose values may have more digits than SQLite stores exactly: all but the
+    #: decimal-like fields of a precision SQLite holds (their valid values have at most
+    #: that many digits).
+    wide_decimals: frozenset[str]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -212,13 +216,19 @@ def _create_plan(entity: EntityModel) -> _CreatePlan:
             (f.name, f) for f in active if f.type not in ("formula", "auto_number", "many_to_many")
         ),
         frozenset(f.name for f in active if f.required),
+        frozenset(
+            f.name
+            for f in active
+            if fieldtypes.get(f.type).coerce is not fieldtypes.get("decimal").coerce
+            or fieldtypes.decimal_shape(f)[0] > SQLITE_DIGITS
+        ),
     )
 
 
 def _validate(
     c: _Context, data: Any, *, creating: bool, pointer: str = ""
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         return {}, [{"pointer": pointer or "/", "message": "must be a JSON object of fields"}]
     screened: list[dict[str, str]] = []
     if c.caller.access is not None:
@@ -236,11 +246,11 @@ def _validate(
                 values[name] = fieldtypes.get(f.type).coerce(f, f.default)
             elif f.required:
                 errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
-    sqlite = c.connection.dialect.name == "sqlite"
+    wide = plan.wide_decimals if c.connection.dialect.name == "sqlite" else frozenset()
     required = plan.required
     for name, value in values.items():
         if (
-            sqlite
+            name in wide
             and isinstance(value, decimal.Decimal)
             and (len(value.normalize().as_tuple().digits) > SQLITE_DIGITS)
         ):
