@@ -200,6 +200,7 @@ class _CreatePlan:
     #: (name, field) of the fields a create fills when the payload leaves them out: a
     #: default, or "is required".
     unwritten: tuple[tuple[str, FieldDef], ...]
+    unwritten_names: frozenset[str]
     #: Fields that must not be empty.
     required: frozenset[str]
     #: Fields whose values may have more digits than SQLite stores exactly: all but the
@@ -211,10 +212,12 @@ class _CreatePlan:
 @functools.lru_cache(maxsize=1024)
 def _create_plan(entity: EntityModel) -> _CreatePlan:
     active = list(entity.entity.active_fields())
+    unwritten = tuple(
+        (f.name, f) for f in active if f.type not in ("formula", "auto_number", "many_to_many")
+    )
     return _CreatePlan(
-        tuple(
-            (f.name, f) for f in active if f.type not in ("formula", "auto_number", "many_to_many")
-        ),
+        unwritten,
+        frozenset(name for name, _ in unwritten),
         frozenset(f.name for f in active if f.required),
         frozenset(
             f.name
@@ -238,7 +241,7 @@ def _validate(
         {"pointer": f"{pointer}/{name}", "message": message} for name, message in problems.items()
     ]
     plan = _create_plan(c.entity)
-    if creating:
+    if creating and not plan.unwritten_names <= data.keys():
         for name, f in plan.unwritten:
             if name in data:
                 continue
@@ -248,6 +251,11 @@ def _validate(
                 errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
     wide = plan.wide_decimals if c.connection.dialect.name == "sqlite" else frozenset()
     required = plan.required
+    if wide.isdisjoint(values) and not any(
+        values[name] is None or values[name] == "" or values[name] == []
+        for name in required & values.keys()
+    ):
+        return values, errors  # nothing below can object
     for name, value in values.items():
         if (
             name in wide
