@@ -938,7 +938,7 @@ def _insert(c: _Context, stamps: Mapping[str, Any], rows: Sequence[dict[str, Any
     through an INSERT statement, and ``stamps`` (the same for every row) once.
     A column some rows leave out is NULL for them, which is what leaving it out
     means (a column with a default is never left out: defaults are filled in by
-    validation); when one has a server default anyway, rows go by key set.
+    validation); when one has a default anyway, rows go by key set.
     """
     names = list(stamps)
     seen = set(names)
@@ -950,7 +950,9 @@ def _insert(c: _Context, stamps: Mapping[str, Any], rows: Sequence[dict[str, Any
                     names.append(name)
     table = c.table
     partial = [n for n in names if n not in stamps and any(n not in row for row in rows)]
-    if any(table.c[n].server_default is not None for n in partial):
+    if any(
+        table.c[n].server_default is not None or table.c[n].default is not None for n in partial
+    ):
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for row in rows:
             groups.setdefault(tuple(row), []).append(row)
@@ -963,6 +965,14 @@ def _insert(c: _Context, stamps: Mapping[str, Any], rows: Sequence[dict[str, Any
 def _write_rows(
     c: _Context, names: Sequence[str], stamps: Mapping[str, Any], rows: Sequence[dict[str, Any]]
 ) -> None:
+    """Send rows (the columns ``names``) through the driver connection of ``c``.
+
+    The driver's own bulk paths skip SQLAlchemy's per-row parameter handling,
+    which cost more than the database's work for a 500-row batch; a driver error
+    is raised as SQLAlchemy's (an IntegrityError stays one), so callers see no
+    difference. Table and schema names are quoted identifiers from validated
+    metadata; values are never part of the statement.
+    """
     dialect = c.connection.dialect
     count = len(rows)
     columns: list[list[Any]] = []
