@@ -32,7 +32,7 @@ from metacrm.runtime import audittrail
 from metacrm.runtime.authz import Access, Forbidden, OwnerRefused
 from metacrm.runtime.crypto import FieldCipher
 from metacrm.runtime.model import EntityModel, TenantModel, parsed
-from metacrm.runtime.recordschema import load_payload
+from metacrm.runtime.recordschema import load_column, load_payload, payload_plan
 from metacrm.runtime.recordview import (
     SYSTEM_FIELDS,
     attach_relations,
@@ -257,11 +257,7 @@ def _validate(
     ):
         return values, errors  # nothing below can object
     for name, value in values.items():
-        if (
-            name in wide
-            and isinstance(value, decimal.Decimal)
-            and (len(value.normalize().as_tuple().digits) > SQLITE_DIGITS)
-        ):
+        if name in wide and _too_wide(value):
             errors.append(
                 {
                     "pointer": f"{pointer}/{name}",
@@ -273,6 +269,94 @@ def _validate(
         if name in required and (value is None or value == "" or value == []):
             errors.append({"pointer": f"{pointer}/{name}", "message": "is required"})
     return values, errors
+
+
+def _too_wide(value: Any) -> bool:
+    """Tell whether a value is a decimal with more digits than SQLite stores exactly."""
+    return (
+        isinstance(value, decimal.Decimal)
+        and len(value.normalize().as_tuple().digits) > SQLITE_DIGITS
+    )
+
+
+#: A field a payload of a batch leaves out (None is a value: null).
+_ABSENT = object()
+
+
+def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] | None:
+    """Read a bulk create's payloads a field at a time; None when the per-row path must.
+
+    Returns for each item exactly what :func:`_validate` would (values, no
+    errors) — or None as soon as anything is not plainly fine: a value refused,
+    a null, a required field left out or empty, a field that field-level security
+    screens, an ``owner_id``. The caller then validates the items one by one,
+    which words every problem; this path never words one. An import's batch is
+    500 payloads with the same fields: a check over a column (in C) replaces a
+    call per value.
+    """
+    if len(items) < 2 or any(type(data) is not dict for data in items):
+        return None
+    plan = payload_plan(c.entity)
+    create = _create_plan(c.entity)
+    given: set[str] = set().union(*items)
+    if not plan.writable.issuperset(given):
+        return None
+    if c.caller.access is not None:
+        rules = c.caller.access.field_rules(c.entity.name, c.model)
+        if not (rules.hidden.isdisjoint(given) and rules.read_only.isdisjoint(given)):
+            return None
+    names: list[str] = []
+    columns: list[list[Any]] = []
+    gaps = False
+    for name, _ in plan.converters:
+        if name not in given:
+            continue
+        column = [data.get(name, _ABSENT) for data in items]
+        if None in column:
+            return None
+        present = [v for v in column if v is not _ABSENT] if _ABSENT in column else column
+        if len(present) < len(column):
+            if name in create.required:
+                return None
+            gaps = True
+        loaded = load_column(c.entity, name, present)
+        if loaded is None:
+            return None
+        if name in create.required and ("" in loaded or [] in loaded):
+            return None
+        if len(present) < len(column):
+            filled = iter(loaded)
+            loaded = [_ABSENT if v is _ABSENT else next(filled) for v in column]
+        names.append(name)
+        columns.append(loaded)
+    defaults = []
+    for name, f in create.unwritten:
+        if name in given and not gaps:
+            continue
+        if f.has_default:
+            defaults.append((name, f))
+        elif f.required and name not in given:
+            return None
+    if c.connection.dialect.name == "sqlite":
+        # SQLite's digits check (see _validate) words its refusal per row.
+        for name, column in zip(names, columns, strict=True):
+            if name in create.wide_decimals and any(map(_too_wide, column)):
+                return None
+        for name, f in defaults:
+            if name in create.wide_decimals and _too_wide(
+                fieldtypes.get(f.type).coerce(f, f.default)
+            ):
+                return None
+    if not gaps and not defaults:
+        return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+    batch = []
+    for row in zip(*columns, strict=True):
+        values = {name: v for name, v in zip(names, row, strict=True) if v is not _ABSENT}
+        for name, f in defaults:
+            if name not in values:
+                values[name] = fieldtypes.get(f.type).coerce(f, f.default)
+        batch.append(values)
+    return batch
 
 
 def _screen(
@@ -844,7 +928,10 @@ def create_many(
     c = _context(connection, model, entity, caller, cipher)
     prepared: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, str]] = []
-    for index, data in enumerate(items):
+    batch = _validate_batch(c, items) if bulk else None
+    if batch is not None:
+        prepared = [(f"/{index}", values) for index, values in enumerate(batch)]
+    for index, data in enumerate(items if batch is None else ()):
         pointer = f"/{index}" if bulk else ""
         values, problems = _validate(c, data, creating=True, pointer=pointer)
         if problems:

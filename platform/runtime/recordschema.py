@@ -88,6 +88,37 @@ class PayloadPlan:
     #: (field name, converter) of every field a payload may write, in field order.
     converters: tuple[tuple[str, Converter], ...]
     writable: frozenset[str]
+    #: Per field, where there is one: whether a whole column of values is plainly
+    #: valid as it is (checked in C over the column, no call per value).
+    column_checks: Mapping[str, ColumnCheck]
+
+
+ColumnCheck = Callable[[list[Any]], bool]
+
+
+def _text_column(shortest: int, longest: int) -> ColumnCheck:
+    def check(values: list[Any]) -> bool:
+        return (
+            set(map(type, values)) == {str}
+            and shortest <= min(map(len, values))
+            and max(map(len, values)) <= longest
+        )
+
+    return check
+
+
+def _option_column(options: frozenset[str]) -> ColumnCheck:
+    def check(values: list[Any]) -> bool:
+        return set(map(type, values)) == {str} and options.issuperset(values)
+
+    return check
+
+
+def _integer_column(low: Any, high: Any) -> ColumnCheck:
+    def check(values: list[Any]) -> bool:
+        return set(map(type, values)) == {int} and low <= min(values) and max(values) <= high
+
+    return check
 
 
 def _accepting(f: FieldDef, accept: Callable[[Any], bool]) -> Converter:
@@ -104,28 +135,35 @@ def _accepting(f: FieldDef, accept: Callable[[Any], bool]) -> Converter:
     return convert
 
 
-def _converter(f: FieldDef) -> Converter:
+def _converter(f: FieldDef) -> tuple[Converter, ColumnCheck | None]:
+    """Return a field's converter, and its column check where the field type has one."""
     if f.type in ("lookup", "user"):
-        return _uuid
+        return _uuid, None
     if f.type == "related_to":
-        return functools.partial(_related_to, f)
+        return functools.partial(_related_to, f), None
     if f.type == "many_to_many":
-        return functools.partial(_relation, f)
+        return functools.partial(_relation, f), None
     if f.type in ("text", "long_text", "encrypted_text") and not f.get("pattern"):
         shortest, longest = f.get("min_length", 0), fieldtypes.max_length(f)
-        return _accepting(f, lambda v: type(v) is str and shortest <= len(v) <= longest)
+        return (
+            _accepting(f, lambda v: type(v) is str and shortest <= len(v) <= longest),
+            _text_column(shortest, longest),
+        )
     if f.type == "single_select":
         options = frozenset(
             o["value"] for o in f.get("options", []) if not o.get("archived", False)
         )
-        return _accepting(f, lambda v: type(v) is str and v in options)
+        return _accepting(f, lambda v: type(v) is str and v in options), _option_column(options)
     if f.type == "integer":
         low = -(2**63) if f.get("min") is None else max(f.get("min"), -(2**63))
         high = 2**63 - 1 if f.get("max") is None else min(f.get("max"), 2**63 - 1)
-        return _accepting(f, lambda v: type(v) is int and low <= v <= high)
+        return (
+            _accepting(f, lambda v: type(v) is int and low <= v <= high),
+            _integer_column(low, high),
+        )
     if fieldtypes.get(f.type).coerce is fieldtypes.get("decimal").coerce:
-        return _decimal_converter(f)
-    return functools.partial(fieldtypes.get(f.type).coerce, f)
+        return _decimal_converter(f), None
+    return functools.partial(fieldtypes.get(f.type).coerce, f), None
 
 
 def _decimal_converter(f: FieldDef) -> Converter:
@@ -166,10 +204,27 @@ def payload_plan(entity: EntityModel) -> PayloadPlan:
     fields = [
         f for f in entity.entity.active_fields() if f.type not in COMPUTED_TYPES and not f.read_only
     ]
+    chosen = {f.name: _converter(f) for f in fields}
     return PayloadPlan(
-        tuple((f.name, _converter(f)) for f in fields),
+        tuple((name, convert) for name, (convert, _) in chosen.items()),
         frozenset(f.name for f in fields if f.name not in SYSTEM_FIELDS),
+        {name: check for name, (_, check) in chosen.items() if check is not None},
     )
+
+
+def load_column(entity: EntityModel, name: str, values: list[Any]) -> list[Any] | None:
+    """Return a column of one field's values (none of them null) as ``load_payload``
+    would, or None when any of them is refused (the caller then reads the payloads
+    one by one, which words the problems)."""
+    plan = payload_plan(entity)
+    check = plan.column_checks.get(name)
+    if check is not None and check(values):
+        return values
+    convert = dict(plan.converters)[name]
+    try:
+        return list(map(convert, values))
+    except ValueProblem:
+        return None
 
 
 def load_payload(entity: EntityModel, data: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
