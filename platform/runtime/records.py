@@ -307,6 +307,7 @@ def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] |
             return None
     names: list[str] = []
     columns: list[list[Any]] = []
+    converted: set[str] = set()
     gaps = False
     for name, _ in plan.converters:
         if name not in given:
@@ -322,6 +323,8 @@ def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] |
         loaded = load_column(c.entity, name, present)
         if loaded is None:
             return None
+        if loaded is not present:
+            converted.add(name)  # values the column check did not pass as text or numbers
         if name in create.required and ("" in loaded or [] in loaded):
             return None
         if len(present) < len(column):
@@ -340,7 +343,7 @@ def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] |
     if c.connection.dialect.name == "sqlite":
         # SQLite's digits check (see _validate) words its refusal per row.
         for name, column in zip(names, columns, strict=True):
-            if name in create.wide_decimals and any(map(_too_wide, column)):
+            if name in converted and name in create.wide_decimals and any(map(_too_wide, column)):
                 return None
         for name, f in defaults:
             if name in create.wide_decimals and _too_wide(
