@@ -1059,9 +1059,10 @@ def _write_rows(
 
     The driver's own bulk paths skip SQLAlchemy's per-row parameter handling,
     which cost more than the database's work for a 500-row batch; a driver error
-    is raised as SQLAlchemy's (an IntegrityError stays one), so callers see no
-    difference. Table and schema names are quoted identifiers from validated
-    metadata; values are never part of the statement.
+    goes through SQLAlchemy's handling (an IntegrityError stays one, a lost
+    connection is invalidated), so callers see no difference. Table and schema
+    names are quoted identifiers from validated metadata; values are never part
+    of the statement.
     """
     dialect = c.connection.dialect
     count = len(rows)
@@ -1092,9 +1093,10 @@ def _write_rows(
             statement = f"INSERT INTO {target} ({listed}) VALUES ({', '.join('?' * len(names))})"
             cursor.executemany(statement, params)
     except c.connection.dialect.loaded_dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(
-            statement, None, exc, c.connection.dialect.loaded_dbapi.Error
-        ) from exc
+        # SQLAlchemy's own handling: the same exception classes as an INSERT would
+        # raise, a lost connection invalidated (and answered 503), handle_error events.
+        c.connection._handle_dbapi_exception(exc, statement, None, cursor, None)
+        raise  # not reached: the handler raises
     finally:
         cursor.close()
 
