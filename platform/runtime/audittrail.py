@@ -32,6 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
 from uuid6 import uuid7
 
 from metacrm.runtime.store import audit, audit_head
@@ -61,6 +62,63 @@ _HEAD_ID = 1
 #: application per request), kept with every entry that does not name one, so
 #: record writes and publishes made through the API say where they came from.
 CLIENT_IP: ContextVar[str | None] = ContextVar("metacrm_audit_client_ip", default=None)
+
+
+#: The key of ``detail`` that marks a grouped entry (how many records it covers): one
+#: ``record.create`` entry for the records of one import batch, ``changes`` holding
+#: ``{record id: {field: value}}`` and ``record_id`` empty (decision record 0013).
+GROUPED = "records"
+
+
+def is_grouped(entry: Mapping[str, Any]) -> bool:
+    """Tell whether an entry stands for many records (``changes`` keyed by record id)."""
+    detail = entry["detail"]
+    return (
+        entry["record_id"] is None
+        and entry["entity"] is not None
+        and isinstance(detail, dict)
+        and GROUPED in detail
+    )
+
+
+class _GroupHolds(sa.sql.expression.ColumnElement[bool]):
+    """SQL: a grouped entry's ``changes`` has a key (a record id); see :func:`about_record`."""
+
+    type = sa.Boolean()
+    inherit_cache = True
+
+    def __init__(self, key: str) -> None:
+        self.key = sa.bindparam("group_key", key, type_=sa.String(), unique=True)
+
+
+@compiles(_GroupHolds, "postgresql")
+def _group_holds_postgresql(element: _GroupHolds, compiler: Any, **kw: Any) -> str:
+    changes = compiler.process(audit.c.changes, **kw)
+    return f"({changes} ? {compiler.process(element.key, **kw)})"
+
+
+@compiles(_GroupHolds)
+def _group_holds_sqlite(element: _GroupHolds, compiler: Any, **kw: Any) -> str:
+    changes = compiler.process(audit.c.changes, **kw)
+    path = compiler.process(element.key, **kw)
+    return f"(json_type({changes}, '$.\"' || {path} || '\"') IS NOT NULL)"
+
+
+def about_record(record_id: uuid.UUID) -> sa.ColumnElement[bool]:
+    """Return the condition "the entry is about this record", grouped entries included.
+
+    A record created by an import has no entry of its own: the entry of its batch
+    lists it among the keys of ``changes``.
+    """
+    return sa.or_(
+        audit.c.record_id == record_id,
+        sa.and_(
+            audit.c.record_id.is_(None),
+            audit.c.action == "record.create",
+            audit.c.entity.is_not(None),
+            _GroupHolds(str(record_id)),
+        ),
+    )
 
 
 class AuditError(ValueError):

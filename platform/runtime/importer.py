@@ -2,9 +2,10 @@
 
 An import is a bulk create with a file's manners, and nothing more privileged:
 every row goes through :func:`metacrm.runtime.records.create_many` (the same
-validation, field-level security, owner scope, unique and reference checks,
-audit entry and outbox event as ``POST /records/<entity>``), in batches of
-:data:`BATCH` rows inside one transaction. Either every row is stored or none:
+validation, field-level security, owner scope, unique and reference checks as
+``POST /records/<entity>``), in batches of :data:`BATCH` rows inside one
+transaction. Each batch is audited as one grouped ``record.create`` entry and
+one outbox event (decision record 0013). Either every row is stored or none:
 
 - a refused batch is rolled back to its savepoint and the next batches are
   still checked, so one answer lists the problems of the whole file (up to
@@ -300,6 +301,11 @@ def cell_reader(f: FieldDef | None) -> Callable[[str], Any]:
     return _READERS.get(field_type(f.type).value_type, _as_is)
 
 
+def _unless_as_is(read: Callable[[str], Any]) -> Callable[[str], Any] | None:
+    """Return a column's reader, or None when cells are taken as they are (no call per cell)."""
+    return None if read is _as_is else read
+
+
 def csv_rows(
     entity: EntityModel, source: TextIO, delimiter: str = ",", skip: Collection[str] = ()
 ) -> tuple[ColumnMap, Iterator[Row | RowProblem]]:
@@ -316,11 +322,16 @@ def csv_rows(
         raise UnreadableFile([{"pointer": "/rows/1", "message": f"line 1: {exc}"}]) from None
     mapping = map_columns(entity, header, skip)
     columns = [
-        (name, cell_reader(entity.entity.fields.get(name)))
+        (name, _unless_as_is(cell_reader(entity.entity.fields.get(name))))
         for name in mapping.fields
         if name is not None
     ]
-    used = [name is not None for name in mapping.fields]
+    used = [index for index, name in enumerate(mapping.fields) if name is not None]
+
+    def pick(cells: list[str]) -> Sequence[str]:
+        """Return the cells of the used columns (a file's skipped columns left out)."""
+        return [cells[index] for index in used]
+
     width = len(header)
 
     def rows() -> Iterator[Row | RowProblem]:
@@ -341,9 +352,8 @@ def csv_rows(
                 continue
             payload: dict[str, Any] = {}
             problems = []
-            kept = (cell for cell, wanted in zip(cells, used, strict=True) if wanted)
-            for (name, read), cell in zip(columns, kept, strict=True):
-                if cell == "":
+            for (name, read), cell in zip(columns, pick(cells), strict=True):
+                if not cell:
                     continue
                 if "\x00" in cell or len(cell) > MAX_CELL:
                     problems.append(
@@ -355,7 +365,9 @@ def csv_rows(
                         }
                     )
                     continue
-                payload[name] = read(spreadsheet.restore(cell))
+                if cell[0] == "'":
+                    cell = spreadsheet.restore(cell)
+                payload[name] = cell if read is None else read(cell)
             yield RowProblem(number, problems) if problems else Row(number, payload)
 
     return mapping, rows()
@@ -451,6 +463,7 @@ def import_rows(
                 cipher,
                 bulk=True,
                 returning=False,
+                grouped=True,
             )
             created += len(made)
         except records.RecordInvalid as exc:

@@ -163,7 +163,7 @@ class Search:
         if self.entity is not None:
             clauses.append(audit.c.entity == self.entity)
         if self.record_id is not None:
-            clauses.append(audit.c.record_id == self.record_id)
+            clauses.append(audittrail.about_record(self.record_id))
         if self.since is not None:
             clauses.append(audit.c.at >= self.since)
         if self.until is not None:
@@ -225,9 +225,26 @@ def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def view(row: Mapping[str, Any], hidden: Callable[[str], frozenset[str]]) -> dict[str, Any]:
-    """Return an entry as the viewer may see it (hidden fields left out of ``changes``)."""
-    changes = visible_changes(row["entity"], row["changes"], hidden)
+def view(
+    row: Mapping[str, Any],
+    hidden: Callable[[str], frozenset[str]],
+    record_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """Return an entry as the viewer may see it (hidden fields left out of ``changes``).
+
+    A grouped entry (the records of an import batch) keeps its shape, ``changes``
+    keyed by record id, each record's fields masked alike; asked for one
+    ``record_id``, it shows that record's part only.
+    """
+    if audittrail.is_grouped(row) and isinstance(row["changes"], dict):
+        group = row["changes"]
+        if record_id is not None:
+            group = {k: v for k, v in group.items() if k == str(record_id)}
+        changes = {
+            key: visible_changes(row["entity"], values, hidden) for key, values in group.items()
+        }
+    else:
+        changes = visible_changes(row["entity"], row["changes"], hidden)
     return {
         "seq": row["seq"],
         "id": str(row["id"]),
@@ -283,7 +300,8 @@ def search(tenant: str) -> Response:
             cursors.Position("_audit", "-seq", digest, (rows[-1]["seq"],)),
             _cursor_secret(context),
         )
-    return jsonify({"items": [view(r, hidden) for r in rows], "next_cursor": next_cursor})
+    items = [view(r, hidden, wanted.record_id) for r in rows]
+    return jsonify({"items": items, "next_cursor": next_cursor})
 
 
 def _cell(value: Any) -> str:
@@ -361,7 +379,9 @@ def export(tenant: str) -> Response:
 
     def generate() -> Iterator[str]:
         with store.connect() as connection:
-            yield from csv_rows(view(r, hidden) for r in entries(connection, wanted, through))
+            yield from csv_rows(
+                view(r, hidden, wanted.record_id) for r in entries(connection, wanted, through)
+            )
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     filename = f"audit-{context.tenant.slug}-{stamp}.csv"

@@ -473,3 +473,42 @@ def test_marking_read_needs_a_writing_token(world):
         "unsupported_media_type",
     )
     assert _reads(world) == before
+
+
+# -- grouped entries (imports) ------------------------------------------------------------------
+
+
+def test_an_imported_records_creation_is_found_in_its_batchs_grouped_entry(world):
+    """An import batch is one ``record.create`` entry keyed by record id (decision 0013):
+    the record filter finds it and shows that record's part; masking applies inside it."""
+    admin = world.admin
+    tag = uuid.uuid4().hex[:8]
+    body = f"name,city,lifetime_value\nImported A {tag},{tag},10.50\nImported B {tag},{tag},7\n"
+    response = admin.api.client.post(
+        f"/t/{admin.api.slug}/api/v1/records/customer/import",
+        data=body.encode(),
+        headers={"Authorization": f"Bearer {admin.token}", "Content-Type": "text/csv"},
+    )
+    assert response.status_code == 201, response.get_data(as_text=True)[:1000]
+    listed = Records(admin.api, admin.token).items("customer", filter=f'city = "{tag}"')
+    ids = {c["name"]: c["id"] for c in listed}
+    first, second = ids[f"Imported A {tag}"], ids[f"Imported B {tag}"]
+
+    found = admin.audit(record_id=first)["items"]
+    assert [i["action"] for i in found] == ["record.create"]
+    entry = found[0]
+    assert entry["record_id"] is None and entry["entity"] == "customer"
+    assert entry["detail"] == {"version": 1, "records": 2}
+    assert list(entry["changes"]) == [first]  # only the record asked about
+    assert entry["changes"][first]["name"] == f"Imported A {tag}"
+    assert entry["changes"][first]["lifetime_value"] in ("10.50", "10.5")
+    assert admin.audit(record_id=second, entity="customer")["items"][0]["id"] == entry["id"]
+    assert admin.audit(record_id=second, entity="deal")["items"] == []
+    assert admin.audit(record_id=str(uuid.uuid4()))["items"] == []
+    whole = next(i for i in admin.audit(entity="customer")["items"] if i["id"] == entry["id"])
+    assert set(whole["changes"]) == {first, second}
+
+    mine = world.auditor.audit(record_id=first)["items"][0]["changes"][first]
+    assert "lifetime_value" not in mine and mine["name"] == f"Imported A {tag}"
+    with admin.api.platform.store(admin.api.tenant).connect() as connection:
+        assert audittrail.verify(connection).ok

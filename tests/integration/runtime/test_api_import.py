@@ -102,6 +102,11 @@ class World:
         with store.connect() as connection:
             return connection.execute(sa.select(sa.func.max(audit.c.seq))).scalar_one() or 0
 
+    def last_event(self) -> Any:
+        store = self.platform.store(self.tenant)
+        with store.connect() as connection:
+            return connection.execute(sa.select(outbox).order_by(outbox.c.id.desc())).first()
+
     def events(self) -> int:
         store = self.platform.store(self.tenant)
         with store.connect() as connection:
@@ -232,7 +237,15 @@ def test_csv_import_creates_every_row_through_the_record_service(world: World) -
     assert found[f"Beta {tag}"]["tags"] == ["a", "b"]
     assert found[f"Gamma {tag}"]["lifetime_value"] in ("3", "3.00")
     entries = world.entries(seq)
-    assert [e.action for e in entries] == ["record.create"] * 3 + ["record.import"]
+    # One grouped entry for the batch: every created record with its values (decision 0013).
+    assert [e.action for e in entries] == ["record.create", "record.import"]
+    group = entries[0]
+    assert group.record_id is None and group.entity == "customer"
+    assert group.detail == {"version": 1, "records": 3}
+    assert set(group.changes) == {c["id"] for c in found.values()}
+    assert group.changes[first["id"]]["name"] == f"上海{tag}贸易"
+    assert group.changes[first["id"]]["tags"] == ["vip", "华东"]
+    assert group.changes[found[f"Gamma {tag}"]["id"]]["lifetime_value"] in ("3", "3.00")
     assert entries[-1].detail == {
         "format": "csv",
         "rows": 3,
@@ -240,7 +253,10 @@ def test_csv_import_creates_every_row_through_the_record_service(world: World) -
         "bytes": len(body.encode()),
     }
     assert entries[-1].actor_id == world.users["admin"].id
-    assert world.events() == events + 3
+    assert world.events() == events + 1
+    event = world.last_event()
+    assert event.event == "record.create" and event.record_id is None
+    assert sorted(event.payload["ids"]) == sorted(c["id"] for c in found.values())
 
 
 def test_jsonl_import_takes_api_payloads_and_skips_system_values(world: World) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from metacrm.runtime import metastore, records, tenancy
+from metacrm.runtime import audittrail, metastore, records, tenancy
 from metacrm.runtime.records import Caller, RecordInvalid, RecordNotFound, VersionMismatch
 from metacrm.runtime.store import audit, outbox
 
@@ -230,6 +230,80 @@ def test_unique_values_get_a_clear_error(tenant):
     assert "unique" in info.value.errors[0]["message"]
 
 
+def test_a_unique_clash_past_the_checks_is_refused_by_the_bulk_write(tenant, monkeypatch):
+    """A race the unique check cannot see (COPY on PostgreSQL, executemany on SQLite)
+    is the constraint's refusal, told as a field error, and stores nothing."""
+    platform, _ = tenant
+    _make_customer_email_unique(tenant)
+    customer(tenant, email="raced@x.example")
+    before = counts(tenant)
+    monkeypatch.setattr(records, "_check_unique", lambda c, rows: [])
+    items = [{"name": "a", "email": "free@x.example"}, {"name": "b", "email": "raced@x.example"}]
+    with pytest.raises(RecordInvalid) as info:
+        run(tenant, records.create_many, "customer", items, CALLER, platform.cipher, bulk=True)
+    if tenant[1].dialect == "postgresql":  # the error names the constraint
+        expected = {"pointer": "/email", "message": "must be unique; another record has this value"}
+    else:  # SQLite names the columns only
+        expected = {
+            "pointer": "/",
+            "message": "the change conflicts with other records (a constraint refused it)",
+        }
+    assert info.value.errors == [expected]
+    assert counts(tenant) == before
+
+
+def test_a_grouped_create_writes_one_audit_entry_and_one_event(tenant):
+    """Imports pass ``grouped``: the batch's records share one entry and one event."""
+    platform, store = tenant
+    before = counts(tenant)
+    items = [
+        {"name": "g1", "email": "g1@x.example"},
+        {"name": "g2", "kind": "company"},
+        {"name": "g3", "lifetime_value": "12.50", "tags": ["a"]},
+    ]
+    made = run(
+        tenant,
+        records.create_many,
+        "customer",
+        items,
+        CALLER,
+        platform.cipher,
+        bulk=True,
+        returning=False,
+        grouped=True,
+    )
+    assert counts(tenant) == (before[0] + 1, before[1] + 1)
+    with store.connect() as connection:
+        entry = connection.execute(sa.select(audit).order_by(audit.c.seq.desc())).first()
+        event = connection.execute(sa.select(outbox).order_by(outbox.c.id.desc())).first()
+        assert audittrail.verify(connection).ok
+    ids = [m["id"] for m in made]
+    assert entry.action == "record.create" and entry.record_id is None
+    assert entry.entity == "customer" and entry.detail == {"version": 1, "records": 3}
+    assert audittrail.is_grouped(entry._mapping)
+    assert list(entry.changes) == ids
+    # The values each record was created with, defaults included.
+    assert entry.changes[ids[0]].items() >= {"name": "g1", "email": "g1@x.example"}.items()
+    assert entry.changes[ids[0]]["kind"] == "company"
+    assert entry.changes[ids[2]]["lifetime_value"] in ("12.50", "12.5")
+    assert entry.changes[ids[2]]["tags"] == ["a"]
+    assert event.event == "record.create" and event.record_id is None
+    assert event.payload == {"entity": "customer", "ids": ids, "operation": "create", "version": 1}
+    # One record alone keeps an entry of its own, grouped or not.
+    run(
+        tenant,
+        records.create_many,
+        "customer",
+        [{"name": "g4"}],
+        CALLER,
+        platform.cipher,
+        grouped=True,
+    )
+    with store.connect() as connection:
+        single = connection.execute(sa.select(audit).order_by(audit.c.seq.desc())).first()
+    assert single.record_id is not None and single.changes["name"] == [None, "g4"]
+
+
 def test_bulk_unique_checks_name_taken_and_repeated_values_per_row(tenant):
     platform, _ = tenant
     _make_customer_email_unique(tenant)
@@ -413,3 +487,62 @@ def test_auto_numbers_are_unique_under_concurrent_creates(tenant):
         thread.join()
     assert failures == []
     assert sorted(numbers) == [f"D-{n:05d}" for n in range(1, 21)]
+
+
+# -- bulk creates read a field at a time ------------------------------------------------------
+
+BATCHES = {
+    "every row alike": [
+        {"name": f"n{i}", "kind": "person", "lifetime_value": "12.50", "city": "杭州"}
+        for i in range(4)
+    ],
+    "gaps and defaults": [
+        {"name": "a", "tags": ["x", "y"], "lifetime_value": 7},
+        {"name": "b", "level": "vip", "next_follow_up_on": "2026-02-03"},
+        {"name": "c", "email": "c@x.example", "last_contacted_at": "2026-01-02T03:04:05+08:00"},
+    ],
+    "a row with nothing but its name": [{"name": "a"}, {"name": "b", "kind": "person"}],
+}
+
+#: Batches the column reading leaves to the payload-by-payload reading (all but the
+#: first have a problem it words).
+LEFT_TO_EACH = {
+    "a null": [{"name": "a"}, {"name": "b", "city": None}],
+    "an unknown option": [{"name": "a", "kind": "robot"}, {"name": "b"}],
+    "a long text": [{"name": "a" * 201}, {"name": "b"}],
+    "a required field left out": [{"name": "a"}, {"city": "x"}],
+    "an empty required field": [{"name": ""}, {"name": "b"}],
+    "an unknown field": [{"name": "a", "nmae": "x"}, {"name": "b"}],
+    "a system field": [{"name": "a", "owner_id": str(uuid.uuid4())}, {"name": "b"}],
+    "a negative amount": [{"name": "a", "lifetime_value": "-1"}, {"name": "b"}],
+    "not an object": [{"name": "a"}, ["name", "b"]],
+}
+
+
+def _both_ways(tenant, items):
+    platform, store = tenant
+    with store.begin() as connection:
+        model = platform.models.current(store, connection)
+        c = records._context(connection, model, model.entity("customer"), CALLER, platform.cipher)
+        batch = records._validate_batch(c, items)
+        one_by_one = [
+            records._validate(c, data, creating=True, pointer=f"/{i}")
+            for i, data in enumerate(items)
+        ]
+    return batch, one_by_one
+
+
+@pytest.mark.parametrize("case", sorted(BATCHES))
+def test_a_batch_read_by_columns_equals_reading_each_payload(tenant, case):
+    batch, one_by_one = _both_ways(tenant, BATCHES[case])
+    assert batch is not None
+    assert all(not errors for _, errors in one_by_one)
+    # The same values, keys in the same order (the audit trail keeps that order).
+    assert [list(v.items()) for v in batch] == [list(v.items()) for v, _ in one_by_one]
+
+
+@pytest.mark.parametrize("case", sorted(LEFT_TO_EACH))
+def test_a_batch_with_any_problem_is_left_to_the_payload_by_payload_reading(tenant, case):
+    batch, one_by_one = _both_ways(tenant, LEFT_TO_EACH[case])
+    assert batch is None
+    assert any(errors for _, errors in one_by_one) == (case != "a null")
