@@ -591,7 +591,8 @@ def count_records(tenant: str, entity: str) -> Response:
     search = _param("q")
     exact = _flag("exact")
     deleted = _flag("deleted")
-    with _reading(tenant, entity, transaction=True) as r:
+    # Only an exact count sets a statement timeout, which needs a transaction of its own.
+    with _reading(tenant, entity, transaction=exact) as r:
         count, is_exact = query.count_records(
             r.connection,
             r.model,
