@@ -1068,7 +1068,7 @@ def _write_rows(
     count = len(rows)
     columns: list[list[Any]] = []
     for name in names:
-        process = c.table.c[name].type._cached_bind_processor(dialect)
+        process = c.table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
         if name in stamps:
             value = stamps[name]
             columns.append([process(value) if process else value] * count)
