@@ -36,6 +36,7 @@ from metacrm.runtime.recordschema import load_payload
 from metacrm.runtime.recordview import (
     SYSTEM_FIELDS,
     attach_relations,
+    cached_select_columns,
     column_resolver,
     json_value,
     rows_to_json,
@@ -164,14 +165,17 @@ def _fetch(
 ) -> dict[str, Any]:
     table = entity.table
     live = table.c.deleted_at.is_not(None) if deleted else table.c.deleted_at.is_(None)
-    query = sa.select(*select_columns(model, entity, ctx)).where(table.c.id == record_id, live)
+    dialect = connection.dialect
+    query = sa.select(*cached_select_columns(model, entity, ctx, None, dialect)).where(
+        table.c.id == record_id, live
+    )
     if scope is not None:
         query = query.where(scope)
     result = connection.execute(query)
     row = result.first()
     if row is None:
         raise RecordNotFound(f"no {entity.name} record with id {record_id}")
-    record = rows_to_json(entity, list(result.keys()), [row])[0]
+    record = rows_to_json(entity, list(result.keys()), [row], dialect)[0]
     attach_relations(connection, entity, [record])
     return record
 
