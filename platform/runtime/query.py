@@ -328,10 +328,7 @@ class _Where:
         extra: ColumnElement[bool] | None = None,
         extra_key: str | None = None,
     ) -> _Where:
-        table = entity.table
-        conditions: list[ColumnElement[bool]] = [
-            table.c.deleted_at.is_not(None) if deleted else table.c.deleted_at.is_(None)
-        ]
+        conditions: list[ColumnElement[bool]] = [_bin_condition(entity, deleted, ctx)]
         node, canonical = None, None
         if filter_text is not None:
             if not isinstance(filter_text, str):
@@ -352,6 +349,18 @@ class _Where:
         if scope is not None:
             conditions.append(scope)
         return cls(conditions, node, cursors.digest(canonical, text, deleted, extra_key))
+
+
+#: "In the recycle bin" and "live", per entity model: the first condition of every list.
+_BIN_CONDITIONS = ContextFreeCache()
+
+
+def _bin_condition(entity: EntityModel, deleted: bool, ctx: EvalContext) -> ColumnElement[bool]:
+    def build(_: EvalContext) -> ColumnElement[bool]:
+        column = entity.table.c.deleted_at
+        return column.is_not(None) if deleted else column.is_(None)
+
+    return _BIN_CONDITIONS.get(entity, deleted, build, ctx)
 
 
 _FILTER_SCOPES: weakref.WeakKeyDictionary[EntityModel, Scope] = weakref.WeakKeyDictionary()
