@@ -74,7 +74,7 @@ class ContextFreeCache:
         with self._lock:
             found = self._found.get(owner, {}).get(key, _MISSING)
         if found is not _MISSING:
-            return found  # type: ignore[no-any-return]
+            return found
         value, free = build_watched(build, ctx)
         if free:
             with self._lock:

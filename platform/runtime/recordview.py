@@ -192,7 +192,7 @@ def _exact_decimal(column_type: ExactDecimal, dialect: Dialect) -> Callable[[Any
     process = column_type.process_result_value
 
     def show(value: Any) -> str:
-        return _decimal(process(value, dialect))  # type: ignore[arg-type]
+        return _decimal(process(value, dialect))
 
     return show
 

@@ -63,9 +63,7 @@ SPECIMEN = {
             "single_select",
             options=[{"value": v, "label": {"en": v}} for v in ("red", "green")],
         ),
-        _field(
-            "sizes", "multi_select", options=[{"value": v, "label": {"en": v}} for v in "sml"]
-        ),
+        _field("sizes", "multi_select", options=[{"value": v, "label": {"en": v}} for v in "sml"]),
         _field("labels", "tags"),
         _field("parent", "lookup", target="customer"),
         _field("peers", "many_to_many", target="customer"),
