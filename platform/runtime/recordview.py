@@ -190,8 +190,15 @@ def _sqlite_date(slow: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 def _exact_decimal(column_type: ExactDecimal, dialect: Dialect) -> Callable[[Any], str]:
     process = column_type.process_result_value
+    quantum = decimal.Decimal(1).scaleb(-column_type.scale)
+    even = decimal.ROUND_HALF_EVEN
 
     def show(value: Any) -> str:
+        # ExactDecimal.process_result_value for the drivers' own types, without its checks.
+        if type(value) is float:  # SQLite's REAL
+            return format(decimal.Decimal(repr(value)).quantize(quantum, even), "f")
+        if type(value) is decimal.Decimal:  # PostgreSQL's NUMERIC
+            return format(value.quantize(quantum, even), "f")
         return _decimal(process(value, dialect))
 
     return show
