@@ -356,6 +356,8 @@ _BIN_CONDITIONS = ContextFreeCache()
 
 
 def _bin_condition(entity: EntityModel, deleted: bool, ctx: EvalContext) -> ColumnElement[bool]:
+    """Return ``deleted_at IS NOT NULL`` (the recycle bin) or ``IS NULL``, built once."""
+
     def build(_: EvalContext) -> ColumnElement[bool]:
         column = entity.table.c.deleted_at
         return column.is_not(None) if deleted else column.is_(None)
@@ -689,8 +691,11 @@ def _shape(
     ctx: EvalContext,
     dialect: sa.Dialect,
 ) -> _Shape:
-    """Return the select list, ORDER BY and LIMIT of a list: built once per published
-    version and request shape, unless a formula in it reads the request's context."""
+    """Return a list's SELECT with ORDER BY and LIMIT, and where its sort keys are.
+
+    Built once per published version and (fields, sort, limit), unless a
+    formula in the select list or the sort reads the request's context.
+    """
 
     def build(watched: EvalContext) -> _Shape:
         keys = _sort_keys(model, entity, sort, watched)

@@ -5,12 +5,13 @@ list, so they can be filtered and sorted like stored fields. Values leave as
 JSON that round-trips: ids as strings, dates as ISO 8601, datetimes in UTC
 with ``Z``, decimals as strings (a JSON number would lose exactness).
 
-Lists and reads by id select their stored columns *raw* (``raw=True``): ids,
-timestamps, decimals and dates leave the driver untouched, without
-SQLAlchemy's result processors, and one converter per column and backend
-turns the driver's value straight into the same JSON text. A value went
-through two conversions before (driver value to Python object, object to
-JSON); now it goes through one. See docs/decisions/0010-raw-rows-on-the-read-path.md.
+Lists and reads by id select their stored columns *raw* (``raw=`` the
+connection's dialect): ids, timestamps, decimals and dates leave the driver
+untouched, without SQLAlchemy's result processors, and one converter per
+column and backend turns the driver's value straight into the same JSON text.
+A value went through two conversions before (driver value to Python object,
+object to JSON); now it goes through one. See
+docs/decisions/0010-raw-rows-on-the-read-path.md.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ _SQLITE_DATETIME_LENGTH = 26
 
 
 def _typed(column_type: sa.types.TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any]:
-    """Return what SQLAlchemy would make of a driver value (SQLite: no type codes)."""
+    """Return what SQLAlchemy would make of a SQLite value (whose processors need no type code)."""
     process = column_type.dialect_impl(dialect).result_processor(dialect, None)
     return process if process is not None else _same
 
