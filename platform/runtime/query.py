@@ -56,15 +56,16 @@ from metacrm.metadata.expression.construct import CodepointOrder
 from metacrm.metadata.expression.nodes import children
 from metacrm.runtime import cursor as cursors
 from metacrm.runtime import search
+from metacrm.runtime.contextfree import ContextFreeCache
 from metacrm.runtime.model import EntityModel, TenantModel, parsed
 from metacrm.runtime.recordview import (
     SYSTEM_FIELDS,
     attach_relations,
+    cached_select_columns,
     column_resolver,
     formula_expression,
     rows_to_json,
-    select_columns,
-    to_json,
+    typed_reader,
 )
 
 DEFAULT_SORT = "-created_at"
@@ -328,17 +329,13 @@ class _Where:
         extra: ColumnElement[bool] | None = None,
         extra_key: str | None = None,
     ) -> _Where:
-        table = entity.table
-        conditions: list[ColumnElement[bool]] = [
-            table.c.deleted_at.is_not(None) if deleted else table.c.deleted_at.is_(None)
-        ]
+        conditions: list[ColumnElement[bool]] = [_bin_condition(entity, deleted, ctx)]
         node, canonical = None, None
         if filter_text is not None:
             if not isinstance(filter_text, str):
                 raise QueryError("invalid_filter", "the filter must be text", "/filter")
             if filter_text.strip():
-                node, compiled = _compile_filter(model, entity, filter_text, ctx)
-                canonical = unparse(node)
+                node, compiled, canonical = _compile_filter(model, entity, filter_text, ctx)
                 conditions.append(compiled)
         text = _search_text(q)
         if text is not None:
@@ -353,6 +350,20 @@ class _Where:
         if scope is not None:
             conditions.append(scope)
         return cls(conditions, node, cursors.digest(canonical, text, deleted, extra_key))
+
+
+#: "In the recycle bin" and "live", per entity model: the first condition of every list.
+_BIN_CONDITIONS = ContextFreeCache()
+
+
+def _bin_condition(entity: EntityModel, deleted: bool, ctx: EvalContext) -> ColumnElement[bool]:
+    """Return ``deleted_at IS NOT NULL`` (the recycle bin) or ``IS NULL``, built once."""
+
+    def build(_: EvalContext) -> ColumnElement[bool]:
+        column = entity.table.c.deleted_at
+        return column.is_not(None) if deleted else column.is_(None)
+
+    return _BIN_CONDITIONS.get(entity, deleted, build, ctx)
 
 
 _FILTER_SCOPES: weakref.WeakKeyDictionary[EntityModel, Scope] = weakref.WeakKeyDictionary()
@@ -388,17 +399,33 @@ def _filter_scope(model: TenantModel, entity: EntityModel) -> Scope:
     return found
 
 
+#: Filters compiled without the request's context, per entity model and filter text.
+_FILTERS = ContextFreeCache()
+
+
 def _compile_filter(
     model: TenantModel, entity: EntityModel, text: str, ctx: EvalContext
-) -> tuple[Node, ColumnElement[bool]]:
-    try:
-        node = parsed(text)
-        scope = _filter_scope(model, entity)
-        check(node, scope, expect=ValueType.BOOLEAN)
-        compiled = compile_sql(node, scope, column_resolver(model, entity, ctx), ctx)
-    except ExpressionError as exc:
-        raise QueryError("invalid_filter", exc.message, "/filter", exc.line, exc.column) from None
-    return node, compiled
+) -> tuple[Node, ColumnElement[bool], str]:
+    """Return a filter's tree, its SQL condition and its canonical text (for cursors).
+
+    A list asks the same filter again and again: parsing, type checking and
+    compiling are done once per published version, unless the condition holds
+    the request's ``today()``, ``now()``, ``me()`` or ``my_team()``.
+    """
+
+    def build(watched: EvalContext) -> tuple[Node, ColumnElement[bool], str]:
+        try:
+            node = parsed(text)
+            scope = _filter_scope(model, entity)
+            check(node, scope, expect=ValueType.BOOLEAN)
+            compiled = compile_sql(node, scope, column_resolver(model, entity, watched), watched)
+        except ExpressionError as exc:
+            raise QueryError(
+                "invalid_filter", exc.message, "/filter", exc.line, exc.column
+            ) from None
+        return node, compiled, unparse(node)
+
+    return _FILTERS.get(entity, text, build, ctx)
 
 
 def _search_text(q: str | None) -> str | None:
@@ -452,6 +479,10 @@ class _SortKey:
         return f"-{self.name}" if self.descending else self.name
 
 
+#: Sort keys built without the request's context, per entity model and sort text.
+_SORTS = ContextFreeCache()
+
+
 def _sort_keys(
     model: TenantModel, entity: EntityModel, sort: str | None, ctx: EvalContext
 ) -> list[_SortKey]:
@@ -460,6 +491,12 @@ def _sort_keys(
     text = sort if sort is not None and sort.strip() else DEFAULT_SORT
     if len(text) > MAX_SORT_LENGTH:
         raise QueryError("invalid_sort", "the sort is too long", "/sort")
+    return _SORTS.get(entity, text, lambda watched: _parse_sort(model, entity, text, watched), ctx)
+
+
+def _parse_sort(
+    model: TenantModel, entity: EntityModel, text: str, ctx: EvalContext
+) -> list[_SortKey]:
     keys: list[_SortKey] = []
     for part in text.split(","):
         item = part.strip()
@@ -612,38 +649,77 @@ def _list(
         values = _cursor_values(request.cursor, secret, entity, sort_spec, where.digest, keys)
         conditions.append(_after(keys, values))
 
-    columns = select_columns(model, entity, ctx, fields)
-    present = {getattr(c, "name", None) for c in columns}
-    key_columns = []
-    for i, key in enumerate(keys):
-        if key.name in present:
-            key_columns.append(key.name)
-        else:
-            columns.append(key.value.label(f"_sort{i}"))
-            key_columns.append(f"_sort{i}")
-    query = (
-        sa.select(*columns)
-        .where(*conditions)
-        .order_by(*(k.order_by() for k in keys))
-        .suffix_with(f"LIMIT {limit + 1}")
-    )
-    result = _execute(connection, query, where.node)
-    names = list(result.keys())
-    rows = result.all()
+    dialect = connection.dialect
+    shape = _shape(model, entity, fields, request.sort, limit, ctx, dialect)
+    query = shape.select.where(*conditions)
+    rows = _execute(connection, query, where.node).all()
     more = len(rows) > limit
     rows = rows[:limit]
-    items = rows_to_json(entity, names, rows)
+    items = rows_to_json(entity, shape.names, rows, dialect)
     attach_relations(connection, _with_links(entity, fields), items)
     for name in includes:
         _include(connection, model, entity, name, items, ctx, embed_scope)
     next_cursor = None
     if more and rows:
         last = rows[-1]
-        position = cursors.Position(
-            entity.name, sort_spec, where.digest, tuple(last[names.index(c)] for c in key_columns)
-        )
+        values = tuple(typed(last[at]) for at, typed in shape.key_readers)
+        position = cursors.Position(entity.name, sort_spec, where.digest, values)
         next_cursor = cursors.encode(position, secret)
     return Page(items, next_cursor)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A list's SELECT without its WHERE clause, and where its sort key values are."""
+
+    select: sa.Select[Any]
+    #: The select list's names, in order.
+    names: tuple[str, ...]
+    #: Per sort key: its position in a row, and how its raw value becomes a cursor value.
+    key_readers: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+
+#: List shapes built without the request's context, per entity model.
+_SHAPES = ContextFreeCache()
+
+
+def _shape(
+    model: TenantModel,
+    entity: EntityModel,
+    fields: tuple[str, ...] | None,
+    sort: str | None,
+    limit: int,
+    ctx: EvalContext,
+    dialect: sa.Dialect,
+) -> _Shape:
+    """Return a list's SELECT with ORDER BY and LIMIT, and where its sort keys are.
+
+    Built once per published version and (fields, sort, limit), unless a
+    formula in the select list or the sort reads the request's context.
+    """
+
+    def build(watched: EvalContext) -> _Shape:
+        keys = _sort_keys(model, entity, sort, watched)
+        columns = cached_select_columns(model, entity, watched, fields, dialect)
+        present = {getattr(c, "name", None) for c in columns}
+        key_columns = []
+        for i, key in enumerate(keys):
+            if key.name in present:
+                key_columns.append(key.name)
+            else:
+                columns.append(key.value.label(f"_sort{i}"))
+                key_columns.append(f"_sort{i}")
+        select = (
+            sa.select(*columns)
+            .order_by(*(k.order_by() for k in keys))
+            .suffix_with(f"LIMIT {limit + 1}")
+        )
+        names = tuple(c.name for c in select.selected_columns)
+        readers = tuple((names.index(c), typed_reader(entity, c, dialect)) for c in key_columns)
+        return _Shape(select, names, readers)
+
+    key = (fields, sort, limit, dialect.name, dialect.driver)
+    return _SHAPES.get(entity, key, build, ctx)
 
 
 def _cursor_values(
@@ -740,13 +816,15 @@ def _include(
     found: dict[str, dict[str, Any]] = {}
     if ids:
         table = target.table
-        query = sa.select(*select_columns(model, target, ctx)).where(
+        dialect = connection.dialect
+        query = sa.select(*cached_select_columns(model, target, ctx, None, dialect)).where(
             table.c.id.in_([uuid.UUID(i) for i in ids]), table.c.deleted_at.is_(None)
         )
         condition = embed_scope(target) if embed_scope is not None else None
         if condition is not None:
             query = query.where(condition)
-        records = [to_json(target, row) for row in connection.execute(query).mappings()]
+        result = connection.execute(query)
+        records = rows_to_json(target, list(result.keys()), result.all(), dialect)
         attach_relations(connection, target, records)
         found = {record["id"]: record for record in records}
     for item in items:
