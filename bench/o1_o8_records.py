@@ -16,8 +16,9 @@ Then, interleaved per repetition so that noise hits both sides alike:
   the SQL of every list and API request of the run is captured and must never
   hold ``OFFSET`` (B0 ``OFFSET`` is timed for reference).
 - **O5** count with a list: ``query.count_records`` capped at 1,001 then
-  estimated; the exact count with its timeout (and a 1 ms timeout that must be
-  refused with ``count_timeout``).
+  estimated, on a held connection without a transaction of its own (as the
+  count endpoint reads); the exact count with its timeout, in a transaction
+  (and a 1 ms timeout that must be refused with ``count_timeout``).
 - **API** (O1, O2 list; O7 read by id): metacrm and B1 (``bench.servers``, which
   must answer the same JSON) under the same gunicorn settings; single-client
   p50/p95/p99 over keep-alive, and ``wrk -t1 -c8 -d15s --latency`` requests/s.
@@ -475,15 +476,16 @@ def counts(bed: Bed, report: Report, reps: int, seconds: float) -> None:
     ctx = bed.eval_context()
     flt = 'status = "won"'
 
-    # The count runs on the connection the list already holds (the API does the same),
-    # so what is timed is what it adds to a list: its own statements, no checkout.
+    # The count runs on a connection already held, so what is timed is what it adds to a
+    # list: its own statements, no checkout. As in the API, the capped count reads on a
+    # connection without a transaction of its own (``TenantStore.read``) and only the
+    # exact count, which sets a statement timeout, takes one.
     held = contextlib.ExitStack()
+    reading = held.enter_context(bed.store.read())
     connection = held.enter_context(bed.store.connect())
 
     def capped() -> tuple[int, bool]:
-        found = query.count_records(connection, model, entity, flt, ctx, threshold=1000)
-        connection.rollback()  # end the read as a request would; the next one starts afresh
-        return found
+        return query.count_records(reading, model, entity, flt, ctx, threshold=1000)
 
     def exact() -> tuple[int, bool]:
         found = query.count_records(
