@@ -216,6 +216,19 @@ def test_a_known_token_is_answered_without_a_control_statement(api: Api) -> None
     assert not [s for s in sent if "api_token" in s], sent
 
 
+def test_without_a_mark_every_request_reads_the_token(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No mark (listener down, probe failed behind PgBouncer): nothing is served from memory."""
+    p = app_platform(api)
+    monkeypatch.setattr(p, "control_mark", lambda: None)
+    warm(api)
+    for _ in range(2):
+        with statements(p.control_engine) as sent:
+            assert api.client.get(records_url(api), headers=bearer(api)).status_code == 200
+        assert [s for s in sent if "api_token" in s], sent
+
+
 def test_a_token_revoked_through_the_api_is_refused_at_once(api: Api) -> None:
     p = app_platform(api)
     listening_mark(p)
