@@ -733,86 +733,74 @@ def _audit_value(f: FieldDef | None, value: Any) -> Any:
     return json_value(value)
 
 
-def _log(
-    c: _Context, record_id: uuid.UUID, operation: str, changes: dict[str, Any], version: int
-) -> None:
-    c.connection.execute(
-        outbox.insert().values(
-            created_at=c.now,
-            event=f"record.{operation}",
-            entity=c.entity.name,
-            record_id=record_id,
-            actor_id=c.caller.user_id,
-            payload={
-                "entity": c.entity.name,
-                "id": str(record_id),
-                "operation": operation,
-                "version": version,
-                "changes": changes,
-            },
-        )
-    )
-    # Last: appending takes the tenant's audit lock, held until the commit.
-    audittrail.append(
-        c.connection,
-        action=f"record.{operation}",
-        actor_id=c.caller.user_id,
-        actor_name=c.caller.name,
-        entity=c.entity.name,
-        record_id=record_id,
-        changes=changes,
-        detail={"version": version},
-        at=c.now,
-    )
+def _logged(
+    c: _Context,
+    operation: str,
+    record_id: uuid.UUID | None,
+    payload: dict[str, Any],
+    changes: Mapping[str, Any],
+    detail: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the outbox row and the audit entry of one write (of one record or a group)."""
+    event = {
+        "created_at": c.now,
+        "event": f"record.{operation}",
+        "entity": c.entity.name,
+        "record_id": record_id,
+        "actor_id": c.caller.user_id,
+        "payload": {"entity": c.entity.name, "operation": operation, **payload},
+    }
+    entry = {
+        "action": f"record.{operation}",
+        "actor_id": c.caller.user_id,
+        "actor_name": c.caller.name,
+        "entity": c.entity.name,
+        "record_id": record_id,
+        "changes": changes,
+        "detail": detail,
+        "at": c.now,
+    }
+    return event, entry
 
 
-def _log_each(
-    c: _Context, operation: str, entries: Sequence[tuple[uuid.UUID, dict[str, Any], int]]
-) -> None:
-    """``_log`` for records written one by one, called after the last of them.
+def _write_logs(c: _Context, logs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Write outbox rows, then audit entries: one statement each however many there are.
 
     The audit append locks the tenant's chain until commit; taking it only
     after every row lock of the write means a bulk write and a single write of
     one of its records cannot wait on each other in a circle (a deadlock on
     PostgreSQL), and other writers wait for less time.
     """
-    if len(entries) <= 1:
-        for record_id, changes, version in entries:
-            _log(c, record_id, operation, changes, version)
-        return
-    c.connection.execute(
-        outbox.insert(),
+    if len(logs) == 1:
+        ((event, entry),) = logs
+        c.connection.execute(outbox.insert().values(**event))
+        audittrail.append(c.connection, **entry)
+    elif logs:
+        c.connection.execute(outbox.insert(), [event for event, _ in logs])
+        audittrail.append_many(c.connection, [entry for _, entry in logs])
+
+
+def _record_log(
+    c: _Context, operation: str, record_id: uuid.UUID, changes: dict[str, Any], version: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    payload = {"id": str(record_id), "version": version, "changes": changes}
+    return _logged(c, operation, record_id, payload, changes, {"version": version})
+
+
+def _log(
+    c: _Context, record_id: uuid.UUID, operation: str, changes: dict[str, Any], version: int
+) -> None:
+    _write_logs(c, [_record_log(c, operation, record_id, changes, version)])
+
+
+def _log_each(
+    c: _Context, operation: str, entries: Sequence[tuple[uuid.UUID, dict[str, Any], int]]
+) -> None:
+    """``_log`` for records written one by one, called after the last of them."""
+    _write_logs(
+        c,
         [
-            {
-                "created_at": c.now,
-                "event": f"record.{operation}",
-                "entity": c.entity.name,
-                "record_id": record_id,
-                "actor_id": c.caller.user_id,
-                "payload": {
-                    "entity": c.entity.name,
-                    "id": str(record_id),
-                    "operation": operation,
-                    "version": version,
-                    "changes": changes,
-                },
-            }
-            for record_id, changes, version in entries
-        ],
-    )
-    audittrail.append_many(
-        c.connection,
-        [
-            {
-                "action": f"record.{operation}",
-                "actor_id": c.caller.user_id,
-                "actor_name": c.caller.name,
-                "entity": c.entity.name,
-                "record_id": record_id,
-                "changes": changes,
-                "detail": {"version": version},
-                "at": c.now,
-            }
+            _record_log(c, operation, record_id, changes, version)
             for record_id, changes, version in entries
         ],
     )
@@ -841,32 +829,10 @@ def _log_group(
     (:func:`metacrm.runtime.audittrail.about_record`). Decision record 0013.
     """
     ids = [str(record_id) for record_id, _ in entries]
-    c.connection.execute(
-        outbox.insert().values(
-            created_at=c.now,
-            event=f"record.{operation}",
-            entity=c.entity.name,
-            record_id=None,
-            actor_id=c.caller.user_id,
-            payload={
-                "entity": c.entity.name,
-                "ids": ids,
-                "operation": operation,
-                "version": version,
-            },
-        )
-    )
-    audittrail.append(
-        c.connection,
-        action=f"record.{operation}",
-        actor_id=c.caller.user_id,
-        actor_name=c.caller.name,
-        entity=c.entity.name,
-        record_id=None,
-        changes={record_id: values for record_id, (_, values) in zip(ids, entries, strict=True)},
-        detail={"version": version, audittrail.GROUPED: len(ids)},
-        at=c.now,
-    )
+    changes = {record_id: values for record_id, (_, values) in zip(ids, entries, strict=True)}
+    payload = {"ids": ids, "version": version}
+    detail = {"version": version, audittrail.GROUPED: len(ids)}
+    _write_logs(c, [_logged(c, operation, None, payload, changes, detail)])
 
 
 def _fetch_many(

@@ -192,16 +192,16 @@ def test_no_change_makes_no_version(tenant):
 
 def test_audit_or_outbox_failure_stores_nothing(tenant, monkeypatch):
     before = counts(tenant)
-    original = records._log
+    original = records._write_logs
 
-    def broken(c, record_id, operation, changes, version):
-        original(c, record_id, operation, changes, version)
+    def broken(c, logs):
+        original(c, logs)
         raise sa.exc.OperationalError("INSERT INTO _outbox", {}, Exception("disk full"))
 
-    monkeypatch.setattr(records, "_log", broken)
+    monkeypatch.setattr(records, "_write_logs", broken)
     with pytest.raises(sa.exc.OperationalError):
         customer(tenant)
-    monkeypatch.setattr(records, "_log", original)
+    monkeypatch.setattr(records, "_write_logs", original)
     assert counts(tenant) == before
     _, store = tenant
     from .conftest import rows
