@@ -147,9 +147,10 @@ class ModelCache:
         self._size = size
         self._changes = changes
 
-    def _version(self, store: TenantStore, connection: Connection) -> int:
+    def _version(
+        self, store: TenantStore, connection: Connection, where: tuple[str, str | None]
+    ) -> int:
         """The version published now: from memory while the store's mark holds."""
-        where = (str(store.engine.url), store.schema)
         mark = None
         if self._changes is not None:
             mark = self._changes.mark(store.engine, meta_topic(store.schema))
@@ -169,8 +170,10 @@ class ModelCache:
 
     def current(self, store: TenantStore, connection: Connection) -> TenantModel:
         """Return the model of the version published now, compiling it on first use."""
-        version = self._version(store, connection)
-        key = (str(store.engine.url), store.schema, version)
+        # Rendering the URL is the costliest step of a cache hit: once per request.
+        where = (str(store.engine.url), store.schema)
+        version = self._version(store, connection, where)
+        key = (*where, version)
         with self._lock:
             model = self._models.get(key)
             if model is not None:

@@ -216,6 +216,19 @@ def test_a_known_token_is_answered_without_a_control_statement(api: Api) -> None
     assert not [s for s in sent if "api_token" in s], sent
 
 
+def test_a_cached_token_on_another_tenants_path_is_still_not_found(api: Api) -> None:
+    other = make_tenant(api.platform, api.client.application)
+    listening_mark(app_platform(api))
+    warm(api)  # the token is now served from the cache
+    for _ in range(2):
+        problem(
+            api.client.get(f"/t/{other.slug}/api/v1/records/customer", headers=bearer(api)),
+            404,
+            "not_found",
+        )
+    assert api.client.get(records_url(api), headers=bearer(api)).status_code == 200
+
+
 def test_without_a_mark_every_request_reads_the_token(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
