@@ -71,10 +71,21 @@ class ContextFreeCache:
         self, owner: Any, key: Hashable, build: Callable[[EvalContext], _T], ctx: EvalContext
     ) -> _T:
         """Return the cached result for (owner, key), or build it with ``ctx``."""
+        return self.lookup(owner, key, build, ctx)[0]
+
+    def lookup(
+        self, owner: Any, key: Hashable, build: Callable[[EvalContext], _T], ctx: EvalContext
+    ) -> tuple[_T, bool]:
+        """Return ``get``'s result and whether it is shared by every request (context-free).
+
+        A shared result is the same object until the owner's version goes, so
+        what is derived from it (its SQL compiled once, see ``direct``) may be
+        cached beside it.
+        """
         with self._lock:
             found = self._found.get(owner, {}).get(key, _MISSING)
         if found is not _MISSING:
-            return found
+            return found, True
         value, free = build_watched(build, ctx)
         if free:
             with self._lock:
@@ -82,4 +93,4 @@ class ContextFreeCache:
                 if len(entries) >= self._limit:
                     entries.clear()
                 entries[key] = value
-        return value
+        return value, free

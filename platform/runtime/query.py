@@ -55,7 +55,7 @@ from metacrm.metadata.expression import (
 from metacrm.metadata.expression.construct import CodepointOrder
 from metacrm.metadata.expression.nodes import children
 from metacrm.runtime import cursor as cursors
-from metacrm.runtime import search
+from metacrm.runtime import direct, search
 from metacrm.runtime.contextfree import ContextFreeCache
 from metacrm.runtime.model import EntityModel, TenantModel, parsed
 from metacrm.runtime.recordview import (
@@ -314,6 +314,8 @@ class _Where:
     conditions: list[ColumnElement[bool]]
     node: Node | None
     digest: str
+    #: Every condition is shared by all requests of the published version (see ``direct``).
+    shared: bool = False
 
     @classmethod
     def build(
@@ -330,12 +332,14 @@ class _Where:
         extra_key: str | None = None,
     ) -> _Where:
         conditions: list[ColumnElement[bool]] = [_bin_condition(entity, deleted, ctx)]
-        node, canonical = None, None
+        node, canonical, shared = None, None, True
         if filter_text is not None:
             if not isinstance(filter_text, str):
                 raise QueryError("invalid_filter", "the filter must be text", "/filter")
             if filter_text.strip():
-                node, compiled, canonical = _compile_filter(model, entity, filter_text, ctx)
+                (node, compiled, canonical), shared = _compile_filter(
+                    model, entity, filter_text, ctx
+                )
                 conditions.append(compiled)
         text = _search_text(q)
         if text is not None:
@@ -349,7 +353,8 @@ class _Where:
             conditions.append(extra)
         if scope is not None:
             conditions.append(scope)
-        return cls(conditions, node, cursors.digest(canonical, text, deleted, extra_key))
+        shared = shared and text is None and extra is None and scope is None
+        return cls(conditions, node, cursors.digest(canonical, text, deleted, extra_key), shared)
 
 
 #: "In the recycle bin" and "live", per entity model: the first condition of every list.
@@ -405,8 +410,10 @@ _FILTERS = ContextFreeCache()
 
 def _compile_filter(
     model: TenantModel, entity: EntityModel, text: str, ctx: EvalContext
-) -> tuple[Node, ColumnElement[bool], str]:
-    """Return a filter's tree, its SQL condition and its canonical text (for cursors).
+) -> tuple[tuple[Node, ColumnElement[bool], str], bool]:
+    """Return (a filter's tree, its SQL condition, its canonical text) and whether it is shared.
+
+    The canonical text is what cursors are signed with.
 
     A list asks the same filter again and again: parsing, type checking and
     compiling are done once per published version, unless the condition holds
@@ -425,7 +432,7 @@ def _compile_filter(
             ) from None
         return node, compiled, unparse(node)
 
-    return _FILTERS.get(entity, text, build, ctx)
+    return _FILTERS.lookup(entity, text, build, ctx)
 
 
 def _search_text(q: str | None) -> str | None:
@@ -650,9 +657,14 @@ def _list(
         conditions.append(_after(keys, values))
 
     dialect = connection.dialect
-    shape = _shape(model, entity, fields, request.sort, limit, ctx, dialect)
-    query = shape.select.where(*conditions)
-    rows = _execute(connection, query, where.node).all()
+    shape, shared = _shape(model, entity, fields, request.sort, limit, ctx, dialect)
+    prepared = None
+    if shared and where.shared and request.cursor is None:
+        prepared = _prepared_list(connection, shape, conditions)
+    if prepared is not None:
+        rows = _direct_rows(connection, prepared, where.node)
+    else:
+        rows = _execute(connection, shape.select.where(*conditions), where.node).all()
     more = len(rows) > limit
     rows = rows[:limit]
     items = rows_to_json(entity, shape.names, rows, dialect)
@@ -681,6 +693,28 @@ class _Shape:
 
 #: List shapes built without the request's context, per entity model.
 _SHAPES = ContextFreeCache()
+#: First pages of shared shapes and conditions compiled for the driver (see ``direct``).
+_PREPARED_LISTS = direct.PreparedCache()
+
+
+def _prepared_list(
+    connection: Connection, shape: _Shape, conditions: Sequence[ColumnElement[bool]]
+) -> direct.Prepared | None:
+    """Return a first page's SELECT compiled once for this tenant, or None when it cannot be.
+
+    Only for a shape and conditions every request shares: their identities are
+    the key, and the entry keeps them alive so an ``id()`` cannot be reused.
+    """
+    dialect = connection.dialect
+    schema = direct.schema_of(connection)
+    key = (direct.dialect_key(dialect, schema), *map(id, conditions))
+    kept = tuple(conditions)
+    return _PREPARED_LISTS.get(
+        shape.select,
+        key,
+        lambda: direct.prepare(shape.select.where(*kept), dialect, schema),
+        keep=kept,
+    )
 
 
 def _shape(
@@ -691,8 +725,8 @@ def _shape(
     limit: int,
     ctx: EvalContext,
     dialect: sa.Dialect,
-) -> _Shape:
-    """Return a list's SELECT with ORDER BY and LIMIT, and where its sort keys are.
+) -> tuple[_Shape, bool]:
+    """Return a list's SELECT with ORDER BY and LIMIT, where its sort keys are, and if shared.
 
     Built once per published version and (fields, sort, limit), unless a
     formula in the select list or the sort reads the request's context.
@@ -719,7 +753,7 @@ def _shape(
         return _Shape(select, names, readers)
 
     key = (fields, sort, limit, dialect.name, dialect.driver)
-    return _SHAPES.get(entity, key, build, ctx)
+    return _SHAPES.lookup(entity, key, build, ctx)
 
 
 def _cursor_values(
@@ -842,14 +876,30 @@ def _execute(
     try:
         return connection.execute(statement)
     except DBAPIError as exc:
-        message = str(exc.orig).lower()
-        too_complex = (
-            any(s in message for s in _SQLITE_TOO_COMPLEX)
-            if connection.dialect.name == "sqlite"
-            else _PG_TOO_COMPLEX in message
-        )
-        if node is None or not too_complex:
-            raise
+        _too_complex(connection, exc, node)
+        raise
+
+
+def _direct_rows(
+    connection: Connection, prepared: direct.Prepared, node: Node | None
+) -> list[Sequence[Any]]:
+    """``_execute`` for a statement prepared for the driver: its rows, or the same errors."""
+    try:
+        return direct.rows(connection, prepared)
+    except DBAPIError as exc:
+        _too_complex(connection, exc, node)
+        raise
+
+
+def _too_complex(connection: Connection, exc: DBAPIError, node: Node | None) -> None:
+    """Raise QueryError when the database refused a filter for being nested too deeply."""
+    message = str(exc.orig).lower()
+    too_complex = (
+        any(s in message for s in _SQLITE_TOO_COMPLEX)
+        if connection.dialect.name == "sqlite"
+        else _PG_TOO_COMPLEX in message
+    )
+    if node is not None and too_complex:
         line, column = _deepest(node)
         raise QueryError(
             "invalid_filter",

@@ -28,7 +28,7 @@ from metacrm.metadata.coltypes import SQLITE_DIGITS
 from metacrm.metadata.expression import EvalContext, compile_sql
 from metacrm.metadata.fieldtypes import ValueProblem, constraint_name
 from metacrm.metadata.model import FieldDef
-from metacrm.runtime import audittrail
+from metacrm.runtime import audittrail, direct
 from metacrm.runtime.authz import Access, Forbidden, OwnerRefused
 from metacrm.runtime.contextfree import ContextFreeCache
 from metacrm.runtime.crypto import FieldCipher
@@ -165,10 +165,22 @@ def _fetch(
     scope: sa.ColumnElement[bool] | None = None,
 ) -> dict[str, Any]:
     dialect = connection.dialect
-    query, names = _read_statement(model, entity, ctx, deleted, dialect)
-    if scope is not None:
-        query = query.where(scope)
-    row = connection.execute(query, {"read_record_id": record_id}).first()
+    (query, names), shared = _read_statement(model, entity, ctx, deleted, dialect)
+    prepared = None
+    if scope is None and shared:
+        schema = direct.schema_of(connection)
+        prepared = _PREPARED_READS.get(
+            query,
+            direct.dialect_key(dialect, schema),
+            lambda: direct.prepare(query, dialect, schema, ("read_record_id",)),
+        )
+    if prepared is not None:
+        found = direct.rows(connection, prepared, {"read_record_id": record_id})
+        row = found[0] if found else None
+    else:
+        if scope is not None:
+            query = query.where(scope)
+        row = connection.execute(query, {"read_record_id": record_id}).first()
     if row is None:
         raise RecordNotFound(f"no {entity.name} record with id {record_id}")
     record = rows_to_json(entity, names, [row], dialect)[0]
@@ -178,12 +190,17 @@ def _fetch(
 
 #: Reads by id built without the request's context, per entity model.
 _READS = ContextFreeCache()
+#: Those reads compiled for the driver, per tenant schema (see ``direct``).
+_PREPARED_READS = direct.PreparedCache()
 
 
 def _read_statement(
     model: TenantModel, entity: EntityModel, ctx: EvalContext, deleted: bool, dialect: Dialect
-) -> tuple[sa.Select[Any], tuple[str, ...]]:
-    """Return the SELECT of one record by id (bound as ``read_record_id``) and its column names.
+) -> tuple[tuple[sa.Select[Any], tuple[str, ...]], bool]:
+    """Return (the SELECT of one record by id, its column names) and whether it is shared.
+
+    The id is bound as ``read_record_id``; a shared statement is the same object
+    for every request of the published version (see ``ContextFreeCache.lookup``).
 
     Built once per published version (unless a formula reads ``today()`` or
     ``me()``): a read by id is the most frequent request, and building its
@@ -199,7 +216,7 @@ def _read_statement(
         )
         return query, tuple(c.name for c in query.selected_columns)
 
-    return _READS.get(entity, (deleted, dialect.name, dialect.driver), build, ctx)
+    return _READS.lookup(entity, (deleted, dialect.name, dialect.driver), build, ctx)
 
 
 def get(

@@ -319,8 +319,10 @@ def test_cached_filters_still_read_the_request_context(tenant):
         again = query._compile_filter(m, entity, 'title = "x"', _ctx())
         dated = query._compile_filter(m, entity, "day = today()", _ctx())
         dated_again = query._compile_filter(m, entity, "day = today()", _ctx())
-    assert again[1] is first[1]
-    assert dated_again[1] is not dated[1]
+    assert again[0][1] is first[0][1]
+    assert dated_again[0][1] is not dated[0][1]
+    # Only the shared one may be compiled once for the driver (see ``direct``).
+    assert (first[1], again[1], dated[1], dated_again[1]) == (True, True, False, False)
 
 
 def test_sorts_by_a_formula_reading_today_are_built_per_request(tenant):
