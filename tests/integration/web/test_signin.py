@@ -475,6 +475,34 @@ def test_cookie_api_write_needs_csrf_header_and_bearer_does_not(world: World) ->
     assert bearer.status_code == 409
 
 
+def test_requests_without_the_cookie_get_no_session_and_no_cookie(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bearer request opens no signed session (no signer is built) and sets no cookie."""
+    built: list[object] = []
+    original = auth.CookieSessions.get_signing_serializer
+
+    def counted(self: auth.CookieSessions, app: Flask) -> Any:
+        built.append(app)
+        return original(self, app)
+
+    monkeypatch.setattr(auth.CookieSessions, "get_signing_serializer", counted)
+    answer = world.app.test_client().get(
+        f"/t/{world.a.slug}/api/v1/records/customer",
+        headers={"Authorization": f"Bearer {world.a.token}"},
+    )
+    assert answer.status_code == 200
+    assert "Set-Cookie" not in answer.headers
+    assert built == []
+    # A browser with the cookie still has its session read (and signed) as before.
+    admin = person(world, world.a, roles=("admin",))
+    client = browser(world)
+    sign_in(client, admin.email)
+    assert client.get("/login/tenant").status_code in (200, 302)
+    assert built, "a request with the cookie must open the signed session"
+    assert api_get(client, world.a).status_code == 200
+
+
 # -- MFA ----------------------------------------------------------------------------------------
 
 
