@@ -56,6 +56,7 @@ class Engines:
         self, pool_size: int = 5, echo: bool = False, max_engines: int = MAX_ENGINES
     ) -> None:
         self._engines: OrderedDict[str, Engine] = OrderedDict()
+        self._kept: set[str] = set()
         self._lock = threading.Lock()
         self._pool_size = pool_size
         self._echo = echo
@@ -68,13 +69,30 @@ class Engines:
             if engine is None:
                 engine = create_engine(url, pool_size=self._pool_size, echo=self._echo)
                 self._engines[url] = engine
-                while len(self._engines) > self._max_engines:
-                    # Connections checked out of an evicted engine stay valid; they
-                    # are closed when returned instead of going back to a pool.
-                    self._engines.popitem(last=False)[1].dispose()
+                self._evict()
             else:
                 self._engines.move_to_end(url)
             return engine
+
+    def keep(self, url: str) -> Engine:
+        """Return the engine for ``url`` and never evict it (the control database's).
+
+        Its holder may then keep the engine itself instead of asking for it on
+        every use, which an API request would otherwise do several times.
+        """
+        with self._lock:
+            self._kept.add(url)
+        return self.get(url)
+
+    def _evict(self) -> None:
+        """Dispose of the least recently used engines beyond the limit, except kept ones."""
+        for url in list(self._engines):
+            if len(self._engines) <= self._max_engines:
+                return
+            if url not in self._kept:
+                # Connections checked out of an evicted engine stay valid; they are
+                # closed when returned instead of going back to a pool.
+                self._engines.pop(url).dispose()
 
     def dispose(self, engine: Engine | None = None) -> None:
         """Close the pooled connections of one engine, or of all, and forget them."""
@@ -82,6 +100,7 @@ class Engines:
             keys = [k for k, e in self._engines.items() if engine is None or e is engine]
             for key in keys:
                 self._engines.pop(key).dispose()
+                self._kept.discard(key)
 
 
 def create_engine(url: str, pool_size: int = 5, echo: bool = False) -> Engine:

@@ -28,6 +28,7 @@ class Platform:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engines = Engines(pool_size=settings.pool_size)
+        self._control_engine = self.engines.keep(settings.database_url)
         #: Tells whether a database changed since a cached fact was read (decision 0010).
         self.changes = Watches()
         #: Compiled metadata of each tenant's published version.
@@ -39,7 +40,8 @@ class Platform:
 
     @property
     def control_engine(self) -> sa.Engine:
-        return self.engines.get(self.settings.database_url)
+        """The control database's engine: made once, never evicted from the engine cache."""
+        return self._control_engine
 
     def control_mark(self) -> Hashable | None:
         """The control database's change mark now (see ``metacrm.runtime.changes``)."""

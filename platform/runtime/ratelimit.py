@@ -53,11 +53,15 @@ def _is_api() -> bool:
 
 
 class Counter(Protocol):
-    """What the limiter needs of a moving-window counter (``limits`` strategies have it)."""
+    """What the limiter needs of a moving-window counter."""
 
-    def hit(self, item: RateLimitItem, *identifiers: str) -> bool: ...
+    def spend(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats | None:
+        """Count one hit unless the budget is spent; the window after it, or None when refused."""
+        ...
 
-    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats: ...
+    def window(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats:
+        """The window as it is now (what is left, when the oldest hit leaves it)."""
+        ...
 
 
 class LocalWindows:
@@ -65,24 +69,22 @@ class LocalWindows:
 
     Expired times are dropped from the front when the key is next counted, and
     keys idle for longer than their window are swept when there are many; no
-    thread is involved.
+    thread is involved. A hit and the window it leaves are one step, under one
+    lock, because every API request asks for both.
     """
 
     SWEEP_AT = 10_000
 
     def __init__(self) -> None:
-        self._hits: dict[str, tuple[float, deque[float]]] = {}
+        self._hits: dict[tuple[RateLimitItem, tuple[str, ...]], tuple[float, deque[float]]] = {}
         self._lock = threading.Lock()
 
-    def _window(
-        self, item: RateLimitItem, identifiers: tuple[str, ...], now: float
-    ) -> deque[float]:
-        key = item.key_for(*identifiers)
-        found = self._hits.get(key)
+    def _window(self, item: RateLimitItem, key: tuple[str, ...], now: float) -> deque[float]:
+        found = self._hits.get((item, key))
         if found is None:
             if len(self._hits) >= self.SWEEP_AT:
                 self._sweep(now)
-            found = self._hits[key] = (float(item.get_expiry()), deque())
+            found = self._hits[(item, key)] = (float(item.get_expiry()), deque())
         seconds, hits = found
         while hits and hits[0] <= now - seconds:
             hits.popleft()
@@ -93,21 +95,36 @@ class LocalWindows:
             if not hits or hits[-1] <= now - seconds:
                 del self._hits[key]
 
-    def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
+    def spend(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats | None:
         now = time.time()
         with self._lock:
-            hits = self._window(item, identifiers, now)
+            hits = self._window(item, key, now)
             if len(hits) >= item.amount:
-                return False
+                return None
             hits.append(now)
-            return True
+            return WindowStats(hits[0] + item.get_expiry(), item.amount - len(hits))
 
-    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+    def window(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats:
         now = time.time()
         with self._lock:
-            hits = self._window(item, identifiers, now)
+            hits = self._window(item, key, now)
             reset = (hits[0] if hits else now) + item.get_expiry()
             return WindowStats(reset, item.amount - len(hits))
+
+
+class SharedWindows:
+    """Moving windows in Redis (``limits``' strategy), shared by every worker process."""
+
+    def __init__(self, strategy: strategies.MovingWindowRateLimiter) -> None:
+        self._strategy = strategy
+
+    def spend(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats | None:
+        if not self._strategy.hit(item, KEY_PREFIX, *key):
+            return None
+        return self._strategy.get_window_stats(item, KEY_PREFIX, *key)
+
+    def window(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats:
+        return self._strategy.get_window_stats(item, KEY_PREFIX, *key)
 
 
 @dataclass(frozen=True)
@@ -122,31 +139,38 @@ class Limiter:
         """Count the request against its budget; 429 when one is spent."""
         address = request.remote_addr or "unknown"
         if _is_api():
-            g.metacrm_rate = (self.api[0], ("api", address))
-            self._spend(self.api, ("api", address))
+            # The headers tell the first (tightest-listed) rate as it stands after this hit.
+            g.metacrm_rate = (self.api[0], self._spend(self.api, ("api", address)))
         elif request.method == "POST" and request.endpoint in LOGIN_ENDPOINTS:
             self._spend(self.login, (request.endpoint, address))
 
-    def _spend(self, items: list[RateLimitItem], key: tuple[str, ...]) -> None:
+    def _spend(self, items: list[RateLimitItem], key: tuple[str, ...]) -> WindowStats:
+        """Spend one hit of every budget; return the first budget's window after it."""
+        first = None
         for item in items:
-            if not self.counter.hit(item, KEY_PREFIX, *key):
-                stats = self.counter.get_window_stats(item, KEY_PREFIX, *key)
+            stats = self.counter.spend(item, key)
+            if stats is None:
+                stats = self.counter.window(item, key)
                 wait = max(1, math.ceil(stats.reset_time - time.time()))
                 raise TooManyRequests(
                     description=f"more than {item} from this address; retry in {wait} s",
                     retry_after=wait,
                 )
+            first = stats if first is None else first
+        assert first is not None, "a budget has at least one rate"
+        return first
 
     def headers(self, response: Response) -> Response:
         """Tell an API client its budget (the first, tightest-listed rate)."""
         found = g.pop("metacrm_rate", None)
         if found is None:
             return response
-        item, key = found
-        stats = self.counter.get_window_stats(item, KEY_PREFIX, *key)
-        response.headers["X-RateLimit-Limit"] = str(item.amount)
-        response.headers["X-RateLimit-Remaining"] = str(max(0, stats.remaining))
-        response.headers["X-RateLimit-Reset"] = str(math.ceil(stats.reset_time))
+        item, stats = found
+        # Added, not set: no view sends them, so there is nothing to look for and replace.
+        headers = response.headers
+        headers.add("X-RateLimit-Limit", str(item.amount))
+        headers.add("X-RateLimit-Remaining", str(max(0, stats.remaining)))
+        headers.add("X-RateLimit-Reset", str(math.ceil(stats.reset_time)))
         return response
 
 
@@ -155,8 +179,8 @@ def init_app(app: Flask) -> Limiter:
     settings = app.config["METACRM_SETTINGS"]
     counter: Counter = LocalWindows()
     if settings.redis_url:
-        counter = strategies.MovingWindowRateLimiter(
-            storage.storage_from_string(settings.redis_url)
+        counter = SharedWindows(
+            strategies.MovingWindowRateLimiter(storage.storage_from_string(settings.redis_url))
         )
     limiter = Limiter(
         parse_many(settings.api_rate_limit), parse_many(settings.login_rate_limit), counter

@@ -144,6 +144,8 @@ LIST_PARAMETERS = ("filter", "sort", "fields", "limit", "cursor", "q", "include"
 
 def _only(*names: str) -> None:
     """Refuse query parameters the endpoint does not know: a typo must not widen a list."""
+    if not request.query_string:
+        return  # the common case of a read by id: nothing to parse
     for name in request.args:
         if name not in names:
             known = ", ".join(names) if names else "none"
@@ -152,6 +154,8 @@ def _only(*names: str) -> None:
 
 def _param(name: str) -> str | None:
     """Return one query parameter, refusing repeats and NUL characters."""
+    if not request.query_string:
+        return None
     values = request.args.getlist(name)
     if not values:
         return None
@@ -355,7 +359,7 @@ def _etag(record: Mapping[str, Any]) -> str:
 
 def _record_response(record: Mapping[str, Any]) -> Response:
     response = jsonify(record)
-    response.headers["ETag"] = _etag(record)
+    response.headers.add("ETag", _etag(record))  # a new answer has no ETag to replace
     return response
 
 

@@ -174,6 +174,8 @@ class CookieSessions(SecureCookieSessionInterface):
     """
 
     def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if "HTTP_COOKIE" not in request.environ:  # no cookie at all: nothing to parse either
+            return self.session_class()
         if self.get_cookie_name(app) not in request.cookies:
             return self.session_class()
         return super().open_session(app, request)
@@ -182,6 +184,20 @@ class CookieSessions(SecureCookieSessionInterface):
         if not session and not session.modified and not session.accessed:
             return
         super().save_session(app, session, response)
+
+
+class Logins(LoginManager):
+    """Flask-Login, with its remember-me cookie left alone on requests without cookies.
+
+    metacrm has no remember-me cookie (the server-side session row is the login),
+    but Flask-Login looks for one in the session after every request, which
+    opens it (``Vary: Cookie``) and has it saved on a bearer-token API call.
+    """
+
+    def _update_remember_cookie(self, response: Response) -> Response:
+        if "HTTP_COOKIE" not in request.environ:
+            return response
+        return super()._update_remember_cookie(response)  # type: ignore[no-any-return]
 
 
 def init_app(app: Flask) -> None:
@@ -199,7 +215,7 @@ def init_app(app: Flask) -> None:
     )
     app.session_interface = CookieSessions()
     csrf = CSRFProtect(app)
-    manager = LoginManager(app)
+    manager = Logins(app)
     manager.session_protection = None  # the server-side row is the protection
     manager.request_loader(lambda _request: _ready_or_none())
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from limits import parse
+from limits import RateLimitItem, parse
 
 from metacrm.runtime import ratelimit
 from metacrm.runtime.ratelimit import LocalWindows
@@ -16,37 +16,44 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return now
 
 
+def hit(windows: LocalWindows, item: RateLimitItem, key: tuple[str, ...]) -> bool:
+    """Spend one hit; True when it was allowed."""
+    return windows.spend(item, key) is not None
+
+
 def test_the_budget_is_exact_over_any_window(clock: list[float]) -> None:
     windows, item = LocalWindows(), parse("3 per minute")
-    assert [windows.hit(item, "api", "a") for _ in range(4)] == [True, True, True, False]
+    assert [hit(windows, item, ("api", "a")) for _ in range(4)] == [True, True, True, False]
     clock[0] += 30
-    assert not windows.hit(item, "api", "a")  # all three are still inside the last minute
+    assert not hit(windows, item, ("api", "a"))  # all three are still inside the last minute
     clock[0] += 30.001
-    assert windows.hit(item, "api", "a")  # the first three left the window together
-    assert windows.hit(item, "api", "a")
-    assert windows.hit(item, "api", "a")
-    assert not windows.hit(item, "api", "a")
+    assert hit(windows, item, ("api", "a"))  # the first three left the window together
+    assert hit(windows, item, ("api", "a"))
+    assert hit(windows, item, ("api", "a"))
+    assert not hit(windows, item, ("api", "a"))
 
 
 def test_keys_and_budgets_are_counted_apart(clock: list[float]) -> None:
     windows, item = LocalWindows(), parse("1 per minute")
-    assert windows.hit(item, "api", "a")
-    assert not windows.hit(item, "api", "a")
-    assert windows.hit(item, "api", "b")
-    assert windows.hit(item, "signin.login", "a")
-    assert windows.hit(parse("2 per minute"), "api", "a")
+    assert hit(windows, item, ("api", "a"))
+    assert not hit(windows, item, ("api", "a"))
+    assert hit(windows, item, ("api", "b"))
+    assert hit(windows, item, ("signin.login", "a"))
+    assert hit(windows, parse("2 per minute"), ("api", "a"))
 
 
 def test_window_stats_say_what_is_left_and_when_the_oldest_hit_leaves(clock: list[float]) -> None:
     windows, item = LocalWindows(), parse("5 per minute")
     start = clock[0]
-    windows.hit(item, "api", "a")
+    assert hit(windows, item, ("api", "a"))
     clock[0] += 10
-    windows.hit(item, "api", "a")
-    stats = windows.get_window_stats(item, "api", "a")
+    after = windows.spend(item, ("api", "a"))
+    assert after is not None and after.remaining == 3  # the window the hit left
+    assert after.reset_time == pytest.approx(start + 60)
+    stats = windows.window(item, ("api", "a"))
     assert stats.remaining == 3
     assert stats.reset_time == pytest.approx(start + 60)
-    fresh = windows.get_window_stats(item, "api", "z")
+    fresh = windows.window(item, ("api", "z"))
     assert fresh.remaining == 5
 
 
@@ -56,8 +63,8 @@ def test_idle_keys_are_swept_when_there_are_many(
     monkeypatch.setattr(LocalWindows, "SWEEP_AT", 3)
     windows, item = LocalWindows(), parse("1 per second")
     for address in ("a", "b", "c"):
-        windows.hit(item, "api", address)
+        hit(windows, item, ("api", address))
     clock[0] += 2
-    windows.hit(item, "api", "d")  # the fourth key finds three idle ones and drops them
+    hit(windows, item, ("api", "d"))  # the fourth key finds three idle ones and drops them
     assert len(windows._hits) == 1
-    assert windows.hit(item, "api", "a")
+    assert hit(windows, item, ("api", "a"))
