@@ -36,7 +36,8 @@ def platform() -> Platform:
 
 
 def _bearer() -> str | None:
-    header = request.headers.get("Authorization", "")
+    # From the WSGI environ: what ``request.headers`` reads, without its lookups.
+    header = request.environ.get("HTTP_AUTHORIZATION", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         return None
@@ -51,7 +52,7 @@ def resolve(slug: str) -> RequestContext:
     presented = _bearer()
     if presented is None:
         return _resolve_login(slug)
-    p = platform()
+    p: Platform = current_app.extensions["metacrm"]
     found = p.tokens.authenticate(p.control_engine, p.control_mark, presented)
     if found is None:
         abort(
