@@ -35,7 +35,8 @@ def platform() -> Platform:
     return current_app.extensions["metacrm"]
 
 
-def _bearer() -> str | None:
+def bearer_token() -> str | None:
+    """Return the token of an ``Authorization: Bearer`` header, or None without one."""
     # From the WSGI environ: what ``request.headers`` reads, without its lookups.
     header = request.environ.get("HTTP_AUTHORIZATION", "")
     scheme, _, value = header.partition(" ")
@@ -49,7 +50,7 @@ def resolve(slug: str) -> RequestContext:
     cached = g.get("metacrm_context")
     if cached is not None:
         return cached
-    presented = _bearer()
+    presented = bearer_token()
     if presented is None:
         return _resolve_login(slug)
     p: Platform = current_app.extensions["metacrm"]

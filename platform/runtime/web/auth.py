@@ -25,6 +25,7 @@ from flask_login import LoginManager, UserMixin
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from metacrm.runtime import mfa, sessions
+from metacrm.runtime.api.context import bearer_token
 from metacrm.runtime.api.problem import ProblemError
 from metacrm.runtime.control import LoginSession, Membership, Tenant, User
 from metacrm.runtime.platform import Platform
@@ -74,8 +75,7 @@ def platform() -> Platform:
 
 def has_bearer() -> bool:
     """Tell whether the request carries an Authorization: Bearer header."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(value.strip())
+    return bearer_token() is not None
 
 
 def current_login() -> SignedIn | None:
