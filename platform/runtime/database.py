@@ -127,7 +127,7 @@ def create_engine(url: str, pool_size: int = 5, echo: bool = False) -> Engine:
     return engine
 
 
-def for_reads(connection: sa.Connection) -> sa.Connection:
+def for_reads(connection: sa.Connection, **options: Any) -> sa.Connection:
     """Return the connection set up for statements that only read and need no transaction.
 
     On PostgreSQL each statement then commits by itself: no BEGIN and ROLLBACK
@@ -135,10 +135,11 @@ def for_reads(connection: sa.Connection) -> sa.Connection:
     pool puts the connection's isolation back when it is returned). SQLite's
     deferred BEGIN happens in-process and costs nothing, so it stays. Never
     write through such a connection: nothing would make two writes atomic.
+    ``options`` are further execution options, set in the same call.
     """
     if connection.dialect.name == "postgresql":
-        return connection.execution_options(isolation_level="AUTOCOMMIT")
-    return connection
+        options["isolation_level"] = "AUTOCOMMIT"
+    return connection.execution_options(**options) if options else connection
 
 
 def is_sqlite(bind: sa.Connection | Engine) -> bool:

@@ -141,14 +141,15 @@ class ModelCache:
     """
 
     def __init__(self, changes: Watches | None = None, size: int = CACHE_SIZE) -> None:
-        self._models: OrderedDict[tuple[str, str | None, int], TenantModel] = OrderedDict()
-        self._published: OrderedDict[tuple[str, str | None], tuple[Hashable, int]] = OrderedDict()
+        self._models: OrderedDict[tuple[sa.URL, str | None, int], TenantModel] = OrderedDict()
+        self._published: OrderedDict[tuple[sa.URL, str | None], tuple[Hashable, int]]
+        self._published = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
         self._changes = changes
 
     def _version(
-        self, store: TenantStore, connection: Connection, where: tuple[str, str | None]
+        self, store: TenantStore, connection: Connection, where: tuple[sa.URL, str | None]
     ) -> int:
         """The version published now: from memory while the store's mark holds."""
         mark = None
@@ -170,8 +171,8 @@ class ModelCache:
 
     def current(self, store: TenantStore, connection: Connection) -> TenantModel:
         """Return the model of the version published now, compiling it on first use."""
-        # Rendering the URL is the costliest step of a cache hit: once per request.
-        where = (str(store.engine.url), store.schema)
+        # The URL itself, not its text: rendering it cost more than the rest of a cache hit.
+        where = (store.engine.url, store.schema)
         version = self._version(store, connection, where)
         key = (*where, version)
         with self._lock:

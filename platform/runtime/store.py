@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -264,12 +265,17 @@ class TenantStore:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def _options(self, connection: Connection) -> Connection:
+    def _translation(self) -> dict[str, Any]:
+        """The execution options that name this tenant's schema in every statement."""
         if self.schema is None:
             # A SQLite file is its own namespace; a map to None would only make every
             # statement pay a pass that writes "main." before each table name.
-            return connection
-        return connection.execution_options(schema_translate_map={None: self.schema})
+            return {}
+        return {"schema_translate_map": {None: self.schema}}
+
+    def _options(self, connection: Connection) -> Connection:
+        options = self._translation()
+        return connection.execution_options(**options) if options else connection
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -281,7 +287,7 @@ class TenantStore:
     def read(self) -> Iterator[Connection]:
         """Yield a connection for a request that only reads (see ``database.for_reads``)."""
         with self.engine.connect() as connection:
-            yield self._options(for_reads(connection))
+            yield for_reads(connection, **self._translation())
 
     @contextmanager
     def begin(self, immediate: bool = False) -> Iterator[Connection]:
