@@ -65,9 +65,37 @@ CLIENT_IP: ContextVar[str | None] = ContextVar("metacrm_audit_client_ip", defaul
 
 
 #: The key of ``detail`` that marks a grouped entry (how many records it covers): one
-#: ``record.create`` entry for the records of one import batch, ``changes`` holding
-#: ``{record id: {field: value}}`` and ``record_id`` empty (decision record 0013).
+#: ``record.create`` entry for the records of one import batch, with ``record_id``
+#: empty (decision record 0013). Its ``changes`` is written in columns (decision record
+#: 00XX): ``{"ids": [record id, ...], "values": {field: [value per record, ...]}}``;
+#: entries written before that hold ``{record id: {field: value}}``.
 GROUPED = "records"
+#: The keys of a grouped entry's ``changes`` in columns: no record id is either.
+GROUP_IDS = "ids"
+GROUP_VALUES = "values"
+
+
+def group_changes(ids: list[str], columns: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """Return the ``changes`` of a grouped entry: ``ids``, and each field's values in id order.
+
+    Field names are written once, not once per record, and a column of one field's
+    values is cheap to check, hash and store (decision record 00XX).
+    """
+    return {GROUP_IDS: ids, GROUP_VALUES: dict(columns)}
+
+
+def group_members(changes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return a grouped entry's ``changes`` as ``{record id: {field: value}}``, in either form."""
+    ids = changes.get(GROUP_IDS)
+    columns = changes.get(GROUP_VALUES)
+    if not (isinstance(ids, list) and isinstance(columns, dict)):
+        return {str(key): value for key, value in changes.items()}  # before decision 00XX
+    members: dict[str, dict[str, Any]] = {str(key): {} for key in ids}
+    for name, column in columns.items():
+        if isinstance(column, list):
+            for key, value in zip(ids, column, strict=False):
+                members[str(key)][name] = value
+    return members
 
 
 def is_grouped(entry: Mapping[str, Any]) -> bool:
@@ -94,14 +122,20 @@ class _GroupHolds(sa.sql.expression.ColumnElement[bool]):
 @compiles(_GroupHolds, "postgresql")
 def _group_holds_postgresql(element: _GroupHolds, compiler: Any, **kw: Any) -> str:
     changes = compiler.process(audit.c.changes, **kw)
-    return f"({changes} ? {compiler.process(element.key, **kw)})"
+    key = compiler.process(element.key, **kw)
+    # `?` on an array matches its string elements; the second test reads older entries.
+    return f"(({changes} -> '{GROUP_IDS}') ? {key} OR {changes} ? {key})"
 
 
 @compiles(_GroupHolds)
 def _group_holds_sqlite(element: _GroupHolds, compiler: Any, **kw: Any) -> str:
     changes = compiler.process(audit.c.changes, **kw)
-    path = compiler.process(element.key, **kw)
-    return f"(json_type({changes}, '$.\"' || {path} || '\"') IS NOT NULL)"
+    key = compiler.process(element.key, **kw)
+    return (
+        f"(EXISTS (SELECT 1 FROM json_each({changes}, '$.{GROUP_IDS}') "
+        f"WHERE json_each.value = {key}) "
+        f"OR json_type({changes}, '$.\"' || {key} || '\"') IS NOT NULL)"
+    )
 
 
 def about_record(record_id: uuid.UUID) -> sa.ColumnElement[bool]:
@@ -144,6 +178,14 @@ def _canonical(value: Any) -> Any:
                 key = "$" + key
             found[key] = item if item is None or type(item) is str else _canonical(item)
         return found
+    if kind is list:
+        # Columns of a grouped entry: a check in C instead of a call per value.
+        kinds = set(map(type, value))
+        if kinds <= _AS_IS:
+            return value
+        if kinds == {int}:
+            return [{"$n": _integer_text(v)} for v in value]
+        return [_canonical(v) for v in value]
     if isinstance(value, bool | str):
         return value
     if isinstance(value, int | float):
@@ -160,6 +202,15 @@ def _canonical(value: Any) -> Any:
             for k, v in value.items()
         }
     raise AuditError(f"audit values must be JSON, not {type(value).__name__}")
+
+
+#: Types ``_canonical`` keeps as they are.
+_AS_IS = frozenset({str, bool, type(None)})
+
+
+def _integer_text(value: int) -> str:
+    """Return ``_canonical``'s text of an integer (its normalised decimal, ``4.2E+3``)."""
+    return format(decimal.Decimal(value).normalize(), "E") if value else "0"
 
 
 def _timestamp(at: dt.datetime) -> str:
@@ -185,11 +236,13 @@ def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _json(value: Any, name: str) -> Any:
+def _json(value: Any, name: str) -> tuple[Any, str]:
     """Check that a value is plain JSON (what the column stores and the hash covers).
 
     The C encoder refuses what JSON cannot hold (NaN, infinity, other types), so
     no walk of our own is needed; decoding again gives the value as stored.
+    Returns the value as stored and its JSON text, which is what the row is
+    written with (serialising a batch's entry again cost as much as this).
     """
     try:
         text = json.dumps(value, allow_nan=False)
@@ -199,7 +252,31 @@ def _json(value: Any, name: str) -> Any:
         raise AuditError(f"'{name}' must be JSON: {exc}") from None
     if "\\u0000" in text:
         raise AuditError(f"'{name}' cannot contain NUL characters")
-    return json.loads(text)
+    return json.loads(text), text
+
+
+class _JSONText(sa.sql.expression.ColumnElement[Any]):
+    """SQL: a bound parameter holding JSON text, as the JSON column's value."""
+
+    inherit_cache = True
+
+    def __init__(self, name: str) -> None:
+        self.type = audit.c.changes.type
+        self.text = sa.bindparam(name, type_=sa.Text())
+
+
+@compiles(_JSONText, "postgresql")
+def _json_text_postgresql(element: _JSONText, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.text, **kw)} AS JSONB)"
+
+
+@compiles(_JSONText)
+def _json_text_sqlite(element: _JSONText, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.text, **kw)  # SQLite keeps JSON as its text
+
+
+#: Entries go in with their JSON values as text (see :func:`_json`).
+_INSERT = audit.insert().values(changes=_JSONText("changes_json"), detail=_JSONText("detail_json"))
 
 
 def _advance_head(connection: Connection, count: int) -> tuple[int, str]:
@@ -273,6 +350,10 @@ def _prepare(
     when = at or dt.datetime.now(dt.UTC)
     if not isinstance(when, dt.datetime) or when.tzinfo is None:
         raise AuditError("the time of an audit entry must carry a time zone")
+    stored_changes, changes_json = (
+        (None, None) if changes is None else _json(dict(changes), "changes")
+    )
+    stored_detail, detail_json = (None, None) if detail is None else _json(dict(detail), "detail")
     return {
         "id": uuid7(),
         # Stored at microsecond precision on both backends; hash what is stored.
@@ -282,9 +363,11 @@ def _prepare(
         "action": action,
         "entity": entity,
         "record_id": record_id,
-        "changes": None if changes is None else _json(dict(changes), "changes"),
-        "detail": None if detail is None else _json(dict(detail), "detail"),
+        "changes": stored_changes,
+        "detail": stored_detail,
         "ip": ip,
+        "changes_json": changes_json,
+        "detail_json": detail_json,
     }
 
 
@@ -349,8 +432,13 @@ def append_many(
     # Two statements, both compiled once and cached: a data-modifying CTE carrying
     # the entries as a VALUES list would save a round trip but is compiled anew on
     # every call, which costs more than the trip.
-    connection.execute(audit.insert(), prepared)
+    rows = [
+        {k: v for k, v in entry.items() if k != "changes" and k != "detail"} for entry in prepared
+    ]
+    connection.execute(_INSERT, rows)
     connection.execute(set_head)
+    for entry in prepared:
+        del entry["changes_json"], entry["detail_json"]
     return prepared
 
 

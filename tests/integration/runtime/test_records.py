@@ -281,12 +281,17 @@ def test_a_grouped_create_writes_one_audit_entry_and_one_event(tenant):
     assert entry.action == "record.create" and entry.record_id is None
     assert entry.entity == "customer" and entry.detail == {"version": 1, "records": 3}
     assert audittrail.is_grouped(entry._mapping)
-    assert list(entry.changes) == ids
+    # In columns: the ids once, each field's name once with its values in id order.
+    assert entry.changes["ids"] == ids
+    assert entry.changes["values"]["name"] == ["g1", "g2", "g3"]
+    assert entry.changes["values"]["email"] == ["g1@x.example", None, None]
+    members = audittrail.group_members(entry.changes)
+    assert list(members) == ids
     # The values each record was created with, defaults included.
-    assert entry.changes[ids[0]].items() >= {"name": "g1", "email": "g1@x.example"}.items()
-    assert entry.changes[ids[0]]["kind"] == "company"
-    assert entry.changes[ids[2]]["lifetime_value"] in ("12.50", "12.5")
-    assert entry.changes[ids[2]]["tags"] == ["a"]
+    assert members[ids[0]].items() >= {"name": "g1", "email": "g1@x.example"}.items()
+    assert members[ids[0]]["kind"] == "company"
+    assert members[ids[2]]["lifetime_value"] in ("12.50", "12.5")
+    assert members[ids[2]]["tags"] == ["a"]
     assert event.event == "record.create" and event.record_id is None
     assert event.payload == {"entity": "customer", "ids": ids, "operation": "create", "version": 1}
     # One record alone keeps an entry of its own, grouped or not.
