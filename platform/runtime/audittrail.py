@@ -206,6 +206,8 @@ def _canonical(value: Any) -> Any:
 
 #: Types ``_canonical`` keeps as they are.
 _AS_IS = frozenset({str, bool, type(None)})
+#: JSON values that read back from their JSON text as they were written.
+_SCALARS = frozenset({str, bool, int, type(None)})
 
 
 def _integer_text(value: int) -> str:
@@ -219,6 +221,11 @@ def _timestamp(at: dt.datetime) -> str:
 
 def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
     """Return the SHA-256 (hex) of an entry's hashed fields and the previous hash."""
+    return hashlib.sha256(_hashed_text(entry, prev_hash).encode("utf-8")).hexdigest()
+
+
+def _hashed_text(entry: Mapping[str, Any], prev_hash: str) -> str:
+    """Return the canonical JSON text an entry's hash is taken over."""
     document = {
         "id": str(entry["id"]),
         "at": _timestamp(entry["at"]),
@@ -232,8 +239,31 @@ def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
         "ip": entry["ip"],
         "prev_hash": prev_hash,
     }
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class _PendingHash:
+    """An entry's hash worked out up to its ``prev_hash``, which only the chain's lock gives.
+
+    In the canonical text (keys sorted) only ``record_id`` follows ``prev_hash``, so
+    everything before it, ``changes`` included, is hashed before the lock is taken:
+    an import does that while the server is still busy with the batch's rows.
+    """
+
+    _MARK = '"prev_hash":"' + GENESIS + '"'
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        text = _hashed_text(entry, GENESIS)
+        # The last occurrence: record_id, the only key after it, is a UUID or null.
+        cut = text.rindex(self._MARK) + len('"prev_hash":"')
+        self.state = hashlib.sha256(text[:cut].encode("utf-8"))
+        self.tail = text[cut + len(GENESIS) :]
+
+    def hexdigest(self, prev_hash: str) -> str:
+        """Return the entry's hash once its predecessor's is known (= ``entry_hash``)."""
+        state = self.state.copy()
+        state.update((prev_hash + self.tail).encode("utf-8"))
+        return state.hexdigest()
 
 
 def _json(value: Any, name: str) -> tuple[Any, str]:
@@ -252,7 +282,25 @@ def _json(value: Any, name: str) -> tuple[Any, str]:
         raise AuditError(f"'{name}' must be JSON: {exc}") from None
     if "\\u0000" in text:
         raise AuditError(f"'{name}' cannot contain NUL characters")
-    return json.loads(text), text
+    return (value if _as_stored(value) else json.loads(text)), text
+
+
+def _as_stored(value: Any) -> bool:
+    """Tell whether a JSON-serialisable value reads back from its JSON text as it is.
+
+    Objects with text keys, lists, text, whole numbers, true/false and null do
+    (a grouped entry's columns are checked a list at a time, in C); a tuple, a
+    key that is not text or a subclass does not, and is decoded again instead.
+    """
+    kind = type(value)
+    if kind is dict:
+        return all(type(key) is str and _as_stored(item) for key, item in value.items())
+    if kind is list:
+        kinds = set(map(type, value))
+        if kinds <= _SCALARS:
+            return True
+        return kinds <= _SCALARS | {list, dict} and all(map(_as_stored, value))
+    return kind in _SCALARS
 
 
 class _JSONText(sa.sql.expression.ColumnElement[Any]):
@@ -417,15 +465,38 @@ def append_many(
     Each mapping holds the keyword arguments of :func:`append`. All entries
     are checked before anything is written.
     """
+    return append_prepared(connection, prepare(entries))
+
+
+@dataclass
+class Prepared:
+    """Entries checked, serialised and hashed up to their link (:func:`prepare`)."""
+
+    entries: list[dict[str, Any]]
+    hashes: list[_PendingHash]
+
+
+def prepare(entries: Iterable[Mapping[str, Any]]) -> Prepared:
+    """Check entries and do the work of appending them that needs no database.
+
+    Each mapping holds the keyword arguments of :func:`append`. What is left for
+    :func:`append_prepared` is taking the chain's lock, linking and writing.
+    """
     prepared = [_prepare(**entry) for entry in entries]
-    if not prepared:
+    return Prepared(prepared, [_PendingHash(entry) for entry in prepared])
+
+
+def append_prepared(connection: Connection, prepared: Prepared) -> list[dict[str, Any]]:
+    """Append entries made by :func:`prepare` in order, taking the lock once."""
+    if not prepared.entries:
         return []
-    seq, prev_hash = _advance_head(connection, len(prepared))
-    for entry in prepared:
+    seq, prev_hash = _advance_head(connection, len(prepared.entries))
+    for entry, pending in zip(prepared.entries, prepared.hashes, strict=True):
         entry["seq"] = seq
         entry["prev_hash"] = prev_hash
-        entry["hash"] = prev_hash = entry_hash(entry, prev_hash)
+        entry["hash"] = prev_hash = pending.hexdigest(prev_hash)
         seq += 1
+    entries = prepared.entries
     set_head = audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=prev_hash)
     if connection.dialect.name == "postgresql":
         set_head = set_head.values(seq=seq - 1)
@@ -433,13 +504,13 @@ def append_many(
     # the entries as a VALUES list would save a round trip but is compiled anew on
     # every call, which costs more than the trip.
     rows = [
-        {k: v for k, v in entry.items() if k != "changes" and k != "detail"} for entry in prepared
+        {k: v for k, v in entry.items() if k != "changes" and k != "detail"} for entry in entries
     ]
     connection.execute(_INSERT, rows)
     connection.execute(set_head)
-    for entry in prepared:
+    for entry in entries:
         del entry["changes_json"], entry["detail_json"]
-    return prepared
+    return entries
 
 
 # --- verification -------------------------------------------------------------------------

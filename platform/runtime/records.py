@@ -17,6 +17,7 @@ import itertools
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -48,6 +49,7 @@ from metacrm.runtime.store import outbox, sequence
 
 MASK = "********"
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 #: Execution option of a connection whose whole transaction ends with the write: the
@@ -386,7 +388,10 @@ def _read_columns(c: _Context, items: Sequence[Any]) -> _Columns | None:
     for name, _ in plan.converters:
         if name not in given:
             continue
-        column = [data.get(name, _ABSENT) for data in items]
+        try:
+            column = list(map(itemgetter(name), items))  # in C; a gap raises KeyError
+        except KeyError:
+            column = [data.get(name, _ABSENT) for data in items]
         if None in column:
             return None
         present = [v for v in column if v is not _ABSENT] if _ABSENT in column else column
@@ -806,21 +811,29 @@ def _logged(
     return event, entry
 
 
-def _write_logs(c: _Context, logs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+def _write_logs(
+    c: _Context,
+    logs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
+    prepared: audittrail.Prepared | None = None,
+) -> None:
     """Write outbox rows, then audit entries: one statement each however many there are.
+
+    ``prepared`` is the entries of ``logs`` already through :func:`audittrail.prepare`.
 
     The audit append locks the tenant's chain until commit; taking it only
     after every row lock of the write means a bulk write and a single write of
     one of its records cannot wait on each other in a circle (a deadlock on
     PostgreSQL), and other writers wait for less time.
     """
-    if len(logs) == 1:
+    if len(logs) == 1 and prepared is None:
         ((event, entry),) = logs
         c.connection.execute(outbox.insert().values(**event))
         audittrail.append(c.connection, **entry)
     elif logs:
         c.connection.execute(outbox.insert(), [event for event, _ in logs])
-        audittrail.append_many(c.connection, [entry for _, entry in logs])
+        if prepared is None:
+            prepared = audittrail.prepare([entry for _, entry in logs])
+        audittrail.append_prepared(c.connection, prepared)
 
 
 def _record_log(
@@ -856,6 +869,10 @@ def _log_many(
     _log_each(c, operation, [(record_id, changes, version) for record_id, changes in entries])
 
 
+#: Records per grouped audit entry and outbox event (decision records 0013 and 00XX).
+GROUP = 500
+
+
 def _log_group(
     c: _Context,
     operation: str,
@@ -863,12 +880,12 @@ def _log_group(
     columns: Mapping[str, list[Any]],
     version: int,
 ) -> None:
-    """Record many new records with one outbox event and one audit entry (imports).
+    """Record many new records with one outbox event and one audit entry per :data:`GROUP`.
 
     ``ids`` are the records' ids, ``columns`` each field's values in that order,
     as the audit trail keeps them (null where a record has none).
 
-    The audit entry (``record_id`` empty, ``detail.records`` the count) holds
+    Each audit entry (``record_id`` empty, ``detail.records`` the count) holds
     ``changes`` as ``{"ids": [...], "values": {field: [...]}}``
     (:func:`metacrm.runtime.audittrail.group_changes`): every created record and
     the values it was created with, which is what per-record entries said as
@@ -876,12 +893,30 @@ def _log_group(
     carries the ids (``payload.ids``); a consumer reads the records it needs.
     Readers that look for one record (the audit API's ``record_id`` filter) look
     inside such entries too (:func:`metacrm.runtime.audittrail.about_record`).
+    The entries of one call are appended together (one lock, one statement).
     Decision records 0013 and 00XX.
     """
-    changes = audittrail.group_changes(ids, columns)
-    payload = {"ids": ids, "version": version}
-    detail = {"version": version, audittrail.GROUPED: len(ids)}
-    _write_logs(c, [_logged(c, operation, None, payload, changes, detail)])
+    _write_logs(c, _group_logs(c, operation, ids, columns, version))
+
+
+def _group_logs(
+    c: _Context,
+    operation: str,
+    ids: list[str],
+    columns: Mapping[str, list[Any]],
+    version: int,
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Return the outbox rows and audit entries of :func:`_log_group`."""
+    logs = []
+    for start in range(0, len(ids), GROUP):
+        end = start + GROUP
+        part = ids[start:end]
+        values = {name: column[start:end] for name, column in columns.items()}
+        changes = audittrail.group_changes(part, values)
+        payload = {"ids": part, "version": version}
+        detail = {"version": version, audittrail.GROUPED: len(part)}
+        logs.append(_logged(c, operation, None, payload, changes, detail))
+    return logs
 
 
 def _fetch_many(
@@ -1091,8 +1126,21 @@ def _create_columns(c: _Context, batch: _Columns, returning: bool) -> list[dict[
             stored[f"{name}_id"] = [None if v is None else v[1] for v in column]
         elif kind == "encrypted_text":
             stored[name] = [None if v is None else c.cipher.encrypt(v) for v in column]
+    audited = _audited_fields(entity)
+
+    def audit_logs() -> tuple[list[str], list[Any], audittrail.Prepared]:
+        values = {
+            name: _audit_column(audited[name], column) if name in audited else column
+            for name, column in zip(names, columns, strict=True)
+        }
+        values.update(numbers)
+        keys = list(map(str, ids))
+        logs = _group_logs(c, "create", keys, values, 1)
+        return keys, logs, audittrail.prepare([entry for _, entry in logs])
+
     try:
-        _write_columns(c, constants, stored, batch.count)
+        # The batch's audit entries are made while the server is busy with its rows.
+        keys, logs, prepared = _write_columns(c, constants, stored, batch.count, audit_logs)
         if entity.links:
             linked = [
                 (name, column)
@@ -1106,14 +1154,7 @@ def _create_columns(c: _Context, batch: _Columns, returning: bool) -> list[dict[
     errors = _check_rules(c, [(f"/{index}", record_id) for index, record_id in enumerate(ids)])
     if errors:
         raise _refused(c, errors)
-    audited = _audited_fields(entity)
-    values = {
-        name: _audit_column(audited[name], column) if name in audited else column
-        for name, column in zip(names, columns, strict=True)
-    }
-    values.update(numbers)
-    keys = list(map(str, ids))
-    _log_group(c, "create", keys, values, 1)
+    _write_logs(c, logs, prepared)
     if not returning:
         return [{"id": key} for key in keys]
     shown_model, shown = _shown(c)
@@ -1210,11 +1251,17 @@ def _write_rows(
 
 
 def _write_columns(
-    c: _Context, constants: Mapping[str, Any], columns: Mapping[str, list[Any]], count: int
-) -> None:
+    c: _Context,
+    constants: Mapping[str, Any],
+    columns: Mapping[str, list[Any]],
+    count: int,
+    meanwhile: Callable[[], _T] | None = None,
+) -> _T | None:
     """Send ``count`` rows, given a column at a time, through the driver connection of ``c``.
 
-    ``constants`` are columns with one value for every row. The driver's own bulk
+    ``constants`` are columns with one value for every row. ``meanwhile`` is run
+    once the rows are sent and before the server is waited for (PostgreSQL takes
+    COPY rows as they come), and its result returned. The driver's own bulk
     paths skip SQLAlchemy's per-row parameter handling, which cost more than the
     database's work for a 500-row batch; each value goes through its column type's
     bind processing first (a constant once), as it would through an INSERT. A
@@ -1227,7 +1274,7 @@ def _write_columns(
     names = [*constants, *columns]
     values: list[Iterable[Any]] = []
     for name in names:
-        process = c.table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        process = _bind_processor(c.table.c[name], dialect)
         if name in constants:
             value = constants[name]
             values.append(itertools.repeat(process(value) if process else value, count))
@@ -1254,9 +1301,11 @@ def _write_columns(
                     copy.set_types(types)
                 for row in params:
                     copy.write_row(row)
+                result = meanwhile() if meanwhile else None
         else:
             statement = f"INSERT INTO {target} ({listed}) VALUES ({', '.join('?' * len(names))})"
             cursor.executemany(statement, params)
+            result = meanwhile() if meanwhile else None
     except c.connection.dialect.loaded_dbapi.Error as exc:
         # SQLAlchemy's own handling: the same exception classes as an INSERT would
         # raise, a lost connection invalidated (and answered 503), handle_error events.
@@ -1264,6 +1313,13 @@ def _write_columns(
         raise  # not reached: the handler raises
     finally:
         cursor.close()
+    return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _bind_processor(column: sa.Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """Return a column's bind processing for ``dialect`` (built once, not per batch)."""
+    return column.type.dialect_impl(dialect).bind_processor(dialect)
 
 
 #: PostgreSQL types whose values COPY may send in binary: the driver's binary form of

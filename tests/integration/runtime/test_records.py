@@ -309,6 +309,148 @@ def test_a_grouped_create_writes_one_audit_entry_and_one_event(tenant):
     assert single.record_id is not None and single.changes["name"] == [None, "g4"]
 
 
+def _deals(customer_id: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"d{i}",
+            "customer": customer_id,
+            "amount": f"{i}.50",
+            "probability": i % 101,
+            "expected_close_on": "2026-03-04",
+            "secret_note": f"secret {i}",
+            "stage": "lead",
+        }
+        for i in range(count)
+    ]
+
+
+def test_a_grouped_create_of_many_records_writes_an_entry_per_500_in_columns(tenant):
+    """An import batch of 1,200 deals: entries of 500, 500 and 200 records, each in columns."""
+    platform, store = tenant
+    c = customer(tenant)
+    partner = customer(tenant, name="Partner")
+    items = _deals(c["id"], 1200)
+    items[5]["partners"] = [partner["id"]]
+    before = counts(tenant)
+    made = run(
+        tenant,
+        records.create_many,
+        "deal",
+        items,
+        CALLER,
+        platform.cipher,
+        bulk=True,
+        returning=False,
+        grouped=True,
+    )
+    assert counts(tenant) == (before[0] + 3, before[1] + 3)
+    ids = [m["id"] for m in made]
+    assert ids == sorted(ids) and len(set(ids)) == 1200  # counted up from one UUIDv7
+    with store.connect() as connection:
+        entries = connection.execute(sa.select(audit).order_by(audit.c.seq.desc()).limit(3)).all()[
+            ::-1
+        ]
+        events = connection.execute(sa.select(outbox).order_by(outbox.c.id.desc()).limit(3)).all()
+        assert audittrail.verify(connection).ok
+        model = platform.models.current(store, connection)
+        fifth = records.get(connection, model, model.entity("deal"), uuid.UUID(ids[5]), _ctx())
+    assert [e.detail["records"] for e in entries] == [500, 500, 200]
+    assert [e.changes["ids"] for e in entries] == [ids[:500], ids[500:1000], ids[1000:]]
+    assert sorted(len(e.payload["ids"]) for e in events) == [200, 500, 500]
+    values = entries[0].changes["values"]
+    assert values["secret_note"][:2] == [records.MASK, records.MASK]  # never the plaintext
+    assert values["amount"][:2] in (["0.50", "1.50"], ["0.5", "1.5"])
+    assert values["expected_close_on"][0] == "2026-03-04"
+    assert values["number"][:2] == ["D-00001", "D-00002"]
+    assert values["partners"][5] == [partner["id"]] and values["partners"][4] is None
+    assert fifth["name"] == "d5" and fifth["number"] == "D-00006"
+    with store.connect() as connection:
+        note = records.decrypt_field(
+            connection, model.entity("deal"), uuid.UUID(ids[7]), "secret_note", platform.cipher
+        )
+    assert note == "secret 7"
+
+
+def test_a_refused_grouped_create_stores_nothing_and_the_transaction_goes_on(tenant):
+    """A rule checked after the rows went in: no row, entry or event of the batch is left."""
+    platform, store = tenant
+    c = customer(tenant)
+    items = _deals(c["id"], 700)
+    items[650]["stage"] = "won"  # a won deal needs a close date (the entity's rule)
+    before = counts(tenant)
+    with store.begin() as connection:
+        model = platform.models.current(store, connection)
+        deal = model.entity("deal")
+        with pytest.raises(RecordInvalid) as info:
+            records.create_many(
+                connection,
+                model,
+                deal,
+                items,
+                CALLER,
+                platform.cipher,
+                bulk=True,
+                returning=False,
+                grouped=True,
+            )
+        assert info.value.errors == [
+            {"pointer": "/650", "message": "A won deal needs a close date"}
+        ]
+        stored = connection.execute(sa.select(sa.func.count()).select_from(deal.table))
+        assert stored.scalar_one() == 0
+        made = records.create_many(
+            connection,
+            model,
+            deal,
+            items[:2],
+            CALLER,
+            platform.cipher,
+            bulk=True,
+            returning=False,
+            grouped=True,
+        )
+    assert len(made) == 2
+    assert counts(tenant) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_record_is_found_in_grouped_entries_of_either_form(tenant):
+    """about_record reads the columns and the entries written before them (keyed by id)."""
+    platform, store = tenant
+    made = run(
+        tenant,
+        records.create_many,
+        "customer",
+        [{"name": "k1"}, {"name": "k2"}],
+        CALLER,
+        platform.cipher,
+        bulk=True,
+        returning=False,
+        grouped=True,
+    )
+    old_id = str(uuid.uuid4())
+    with store.begin() as connection:
+        audittrail.append(
+            connection,
+            action="record.create",
+            actor_id=CALLER.user_id,
+            actor_name=CALLER.name,
+            entity="customer",
+            changes={old_id: {"name": "old"}},
+            detail={"version": 1, "records": 1},
+        )
+    with store.connect() as connection:
+        for wanted, expected in ((made[1]["id"], "k2"), (old_id, "old")):
+            found = connection.execute(
+                sa.select(audit).where(audittrail.about_record(uuid.UUID(wanted)))
+            ).all()
+            assert len(found) == 1
+            assert audittrail.group_members(found[0].changes)[wanted]["name"] == expected
+        missing = connection.execute(
+            sa.select(audit).where(audittrail.about_record(uuid.uuid4()))
+        ).all()
+        assert missing == []
+
+
 def test_bulk_unique_checks_name_taken_and_repeated_values_per_row(tenant):
     platform, _ = tenant
     _make_customer_email_unique(tenant)
