@@ -467,13 +467,33 @@ def import_rows(
     savepoint = connection.begin_nested()
     errors: list[dict[str, Any]] = []
     read = created = 0
-    pending: list[Row] = []
     complete = True
+    finished = False
+    source = iter(rows)
 
-    def flush() -> None:
+    def take() -> tuple[list[Row], list[dict[str, Any]]] | None:
+        """Read the next batch's rows and the problems of the rows read with them."""
+        nonlocal read, complete, finished
+        if finished:
+            return None
+        taken: list[Row] = []
+        problems: list[dict[str, Any]] = []
+        for row in source:
+            if len(errors) + len(problems) >= MAX_ERRORS:
+                complete, finished = False, True  # stop looking
+                return taken, problems
+            read += 1
+            if isinstance(row, RowProblem):
+                problems.extend({**e, "row": row.number} for e in row.errors)
+                continue
+            taken.append(row)
+            if len(taken) >= batch:
+                return taken, problems
+        finished = True
+        return (taken, problems) if taken or problems else None
+
+    def flush(pending: list[Row], meanwhile: Callable[[], None]) -> None:
         nonlocal created
-        if not pending:
-            return
         try:
             made = records.create_many(
                 connection,
@@ -485,26 +505,22 @@ def import_rows(
                 bulk=True,
                 returning=False,
                 grouped=True,
+                meanwhile=meanwhile,
             )
             created += len(made)
         except records.RecordInvalid as exc:
             errors.extend(_row_errors(pending, exc.errors))
-        pending.clear()
 
     try:
-        for row in rows:
-            if len(errors) >= MAX_ERRORS:
-                complete = False
-                break
-            read += 1
-            if isinstance(row, RowProblem):
-                errors.extend({**e, "row": row.number} for e in row.errors)
-                continue
-            pending.append(row)
-            if len(pending) >= batch:
-                flush()
-        if complete:
-            flush()
+        upcoming = take()
+        while upcoming is not None:
+            pending, problems = upcoming
+            errors.extend(problems)
+            ahead: list[tuple[list[Row], list[dict[str, Any]]] | None] = []
+            if pending and complete:
+                # The next batch is read from the file while the server stores this one.
+                flush(pending, lambda found=ahead: found.append(take()))
+            upcoming = ahead[0] if ahead else take()
     except BaseException:
         savepoint.rollback()
         raise

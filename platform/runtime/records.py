@@ -995,6 +995,7 @@ def create_many(
     bulk: bool = False,
     returning: bool = True,
     grouped: bool = False,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[dict[str, Any]]:
     """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``.
 
@@ -1002,14 +1003,16 @@ def create_many(
     many): each answer is ``{"id": ...}``. With ``grouped`` the records created by
     the call share one audit entry and one outbox event (see :func:`_log_group`)
     instead of one each: an import writes thousands of records a second, and an
-    entry of its own per record cost more than the record.
+    entry of its own per record cost more than the record. ``meanwhile`` (imports:
+    reading the file's next batch) may be run while the server stores a grouped
+    batch's rows, or not at all.
     """
     c = _context(connection, model, entity, caller, cipher)
     prepared: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, str]] = []
     columns = _read_columns(c, items) if bulk else None
     if columns is not None and grouped:
-        return _create_columns(c, columns, returning)
+        return _create_columns(c, columns, returning, meanwhile)
     batch = None if columns is None else columns.rows()
     if batch is not None:
         prepared = [(f"/{index}", values) for index, values in enumerate(batch)]
@@ -1083,7 +1086,12 @@ def create_many(
     return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
 
 
-def _create_columns(c: _Context, batch: _Columns, returning: bool) -> list[dict[str, Any]]:
+def _create_columns(
+    c: _Context,
+    batch: _Columns,
+    returning: bool,
+    meanwhile: Callable[[], object] | None = None,
+) -> list[dict[str, Any]]:
     """Create the records of a grouped bulk create (an import batch) a column at a time.
 
     What :func:`create_many` does row by row, done per field: the same checks, the
@@ -1136,10 +1144,14 @@ def _create_columns(c: _Context, batch: _Columns, returning: bool) -> list[dict[
         values.update(numbers)
         keys = list(map(str, ids))
         logs = _group_logs(c, "create", keys, values, 1)
-        return keys, logs, audittrail.prepare([entry for _, entry in logs])
+        prepared = audittrail.prepare([entry for _, entry in logs])
+        if meanwhile is not None:
+            meanwhile()
+        return keys, logs, prepared
 
     try:
-        # The batch's audit entries are made while the server is busy with its rows.
+        # The batch's audit entries are made (and ``meanwhile`` run) while the server is
+        # busy with its rows.
         keys, logs, prepared = _write_columns(c, constants, stored, batch.count, audit_logs)
         if entity.links:
             linked = [

@@ -693,3 +693,37 @@ def test_a_batch_with_any_problem_is_left_to_the_payload_by_payload_reading(tena
     batch, one_by_one = _both_ways(tenant, LEFT_TO_EACH[case])
     assert batch is None
     assert any(errors for _, errors in one_by_one) == (case != "a null")
+
+
+def _import(tenant, text: str, batch: int) -> tuple[int, int]:
+    import io
+
+    from metacrm.runtime import importer
+
+    platform, store = tenant
+    with store.begin() as connection:
+        model = platform.models.current(store, connection)
+        entity = model.entity("customer")
+        _, rows = importer.csv_rows(entity, io.StringIO(text, newline=""))
+        return importer.import_rows(
+            connection, model, entity, rows, CALLER, platform.cipher, batch=batch
+        )
+
+
+def test_an_import_reading_ahead_lists_problems_in_file_order_and_stores_nothing(tenant):
+    """Each batch's next one is read while the server stores it; errors keep the file's order."""
+    from metacrm.runtime import importer
+
+    lines = ["name,email"] + [f"c{i},c{i}@x.example" for i in range(10)]
+    lines[4] = "c3,not-an-email"
+    lines[9] = "c8,c8@x.example,extra"
+    lines[10] = ",c9@x.example"
+    before = counts(tenant)
+    with pytest.raises(importer.ImportRefused) as info:
+        _import(tenant, "\n".join(lines) + "\n", batch=3)
+    assert [e["row"] for e in info.value.errors] == [5, 10, 11]
+    assert info.value.rows_read == 10 and info.value.complete
+    assert counts(tenant) == before
+    read, created = _import(tenant, "\n".join(["name"] + [f"ok{i}" for i in range(7)]), batch=3)
+    assert (read, created) == (7, 7)
+    assert counts(tenant) == (before[0] + 3, before[1] + 3)  # entries of 3, 3 and 1 records
