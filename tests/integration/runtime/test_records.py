@@ -727,3 +727,36 @@ def test_an_import_reading_ahead_lists_problems_in_file_order_and_stores_nothing
     read, created = _import(tenant, "\n".join(["name"] + [f"ok{i}" for i in range(7)]), batch=3)
     assert (read, created) == (7, 7)
     assert counts(tenant) == (before[0] + 3, before[1] + 3)  # entries of 3, 3 and 1 records
+
+
+def test_an_import_batch_whose_audit_fails_stores_nothing(tenant, monkeypatch):
+    """The grouped column path writes its entries through the same writer; a failure there
+    takes the batch's rows and event with it."""
+    platform, store = tenant
+    before = counts(tenant)
+
+    def broken(connection, prepared):
+        raise sa.exc.OperationalError("INSERT INTO _audit", {}, Exception("disk full"))
+
+    monkeypatch.setattr(audittrail, "append_prepared", broken)
+    with pytest.raises(sa.exc.OperationalError):
+        run(
+            tenant,
+            records.create_many,
+            "customer",
+            [{"name": f"f{i}"} for i in range(600)],
+            CALLER,
+            platform.cipher,
+            bulk=True,
+            returning=False,
+            grouped=True,
+        )
+    monkeypatch.undo()
+    assert counts(tenant) == before
+    with store.connect() as connection:
+        model = platform.models.current(store, connection)
+        table = model.entity("customer").table
+        stored = connection.execute(
+            sa.select(sa.func.count()).select_from(table).where(table.c.name.like("f%"))
+        ).scalar_one()
+    assert stored == 0
