@@ -26,7 +26,7 @@ Then, interleaved per repetition so that noise hits both sides alike:
   audit and outbox rows counted.
 - **O8** bulk import of D4 (CSV, 14 columns): rows become API payloads and go
   through ``importer`` (the import endpoint's service) in one transaction (validated like the
-  API, one audit entry and one outbox event per record), against raw ``COPY`` /
+  API, one audit entry and one outbox event per 500 records), against raw ``COPY`` /
   sqlite ``executemany`` into a typed table with the same secondary indexes;
   each run in a fresh process, peak RSS reported.
 - A table of where an API request's time goes (in process), part by part.

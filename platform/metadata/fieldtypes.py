@@ -42,6 +42,8 @@ ON_DELETE = {"restrict": "RESTRICT", "set_null": "SET NULL", "cascade": "CASCADE
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]+", re.ASCII)
 _PHONE = re.compile(r"\+?[0-9 ()\-.]{3,32}")
 _URL = re.compile(r"https?://[^\s]+", re.IGNORECASE)
+#: The pattern a non-empty value of these string types must match (their ``coerce`` checks it).
+FORMATS = {"email": _EMAIL, "phone": _PHONE, "url": _URL}
 
 
 class ValueProblem(ValueError):

@@ -65,9 +65,37 @@ CLIENT_IP: ContextVar[str | None] = ContextVar("metacrm_audit_client_ip", defaul
 
 
 #: The key of ``detail`` that marks a grouped entry (how many records it covers): one
-#: ``record.create`` entry for the records of one import batch, ``changes`` holding
-#: ``{record id: {field: value}}`` and ``record_id`` empty (decision record 0013).
+#: ``record.create`` entry for the records of one import batch, with ``record_id``
+#: empty (decision record 0013). Its ``changes`` is written in columns (decision record
+#: 0015): ``{"ids": [record id, ...], "values": {field: [value per record, ...]}}``;
+#: entries written before that hold ``{record id: {field: value}}``.
 GROUPED = "records"
+#: The keys of a grouped entry's ``changes`` in columns: no record id is either.
+GROUP_IDS = "ids"
+GROUP_VALUES = "values"
+
+
+def group_changes(ids: list[str], columns: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """Return the ``changes`` of a grouped entry: ``ids``, and each field's values in id order.
+
+    Field names are written once, not once per record, and a column of one field's
+    values is cheap to check, hash and store (decision record 0015).
+    """
+    return {GROUP_IDS: ids, GROUP_VALUES: dict(columns)}
+
+
+def group_members(changes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return a grouped entry's ``changes`` as ``{record id: {field: value}}``, in either form."""
+    ids = changes.get(GROUP_IDS)
+    columns = changes.get(GROUP_VALUES)
+    if not (isinstance(ids, list) and isinstance(columns, dict)):
+        return {str(key): value for key, value in changes.items()}  # before decision 0015
+    members: dict[str, dict[str, Any]] = {str(key): {} for key in ids}
+    for name, column in columns.items():
+        if isinstance(column, list):
+            for key, value in zip(ids, column, strict=False):
+                members[str(key)][name] = value
+    return members
 
 
 def is_grouped(entry: Mapping[str, Any]) -> bool:
@@ -94,14 +122,20 @@ class _GroupHolds(sa.sql.expression.ColumnElement[bool]):
 @compiles(_GroupHolds, "postgresql")
 def _group_holds_postgresql(element: _GroupHolds, compiler: Any, **kw: Any) -> str:
     changes = compiler.process(audit.c.changes, **kw)
-    return f"({changes} ? {compiler.process(element.key, **kw)})"
+    key = compiler.process(element.key, **kw)
+    # `?` on an array matches its string elements; the second test reads older entries.
+    return f"(({changes} -> '{GROUP_IDS}') ? {key} OR {changes} ? {key})"
 
 
 @compiles(_GroupHolds)
 def _group_holds_sqlite(element: _GroupHolds, compiler: Any, **kw: Any) -> str:
     changes = compiler.process(audit.c.changes, **kw)
-    path = compiler.process(element.key, **kw)
-    return f"(json_type({changes}, '$.\"' || {path} || '\"') IS NOT NULL)"
+    key = compiler.process(element.key, **kw)
+    return (
+        f"(EXISTS (SELECT 1 FROM json_each({changes}, '$.{GROUP_IDS}') "
+        f"WHERE json_each.value = {key}) "
+        f"OR json_type({changes}, '$.\"' || {key} || '\"') IS NOT NULL)"
+    )
 
 
 def about_record(record_id: uuid.UUID) -> sa.ColumnElement[bool]:
@@ -144,6 +178,14 @@ def _canonical(value: Any) -> Any:
                 key = "$" + key
             found[key] = item if item is None or type(item) is str else _canonical(item)
         return found
+    if kind is list:
+        # Columns of a grouped entry: a check in C instead of a call per value.
+        kinds = set(map(type, value))
+        if kinds <= _AS_IS:
+            return value
+        if kinds == {int}:
+            return [{"$n": _integer_text(v)} for v in value]
+        return [_canonical(v) for v in value]
     if isinstance(value, bool | str):
         return value
     if isinstance(value, int | float):
@@ -162,12 +204,28 @@ def _canonical(value: Any) -> Any:
     raise AuditError(f"audit values must be JSON, not {type(value).__name__}")
 
 
+#: Types ``_canonical`` keeps as they are.
+_AS_IS = frozenset({str, bool, type(None)})
+#: JSON values that read back from their JSON text as they were written.
+_SCALARS = frozenset({str, bool, int, type(None)})
+
+
+def _integer_text(value: int) -> str:
+    """Return ``_canonical``'s text of an integer (its normalised decimal, ``4.2E+3``)."""
+    return format(decimal.Decimal(value).normalize(), "E") if value else "0"
+
+
 def _timestamp(at: dt.datetime) -> str:
     return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
     """Return the SHA-256 (hex) of an entry's hashed fields and the previous hash."""
+    return hashlib.sha256(_hashed_text(entry, prev_hash).encode("utf-8")).hexdigest()
+
+
+def _hashed_text(entry: Mapping[str, Any], prev_hash: str) -> str:
+    """Return the canonical JSON text an entry's hash is taken over."""
     document = {
         "id": str(entry["id"]),
         "at": _timestamp(entry["at"]),
@@ -181,15 +239,40 @@ def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
         "ip": entry["ip"],
         "prev_hash": prev_hash,
     }
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _json(value: Any, name: str) -> Any:
+class _PendingHash:
+    """An entry's hash worked out up to its ``prev_hash``, which only the chain's lock gives.
+
+    In the canonical text (keys sorted) only ``record_id`` follows ``prev_hash``, so
+    everything before it, ``changes`` included, is hashed before the lock is taken:
+    an import does that while the server is still busy with the batch's rows.
+    """
+
+    _MARK = '"prev_hash":"' + GENESIS + '"'
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        text = _hashed_text(entry, GENESIS)
+        # The last occurrence: record_id, the only key after it, is a UUID or null.
+        cut = text.rindex(self._MARK) + len('"prev_hash":"')
+        self.state = hashlib.sha256(text[:cut].encode("utf-8"))
+        self.tail = text[cut + len(GENESIS) :]
+
+    def hexdigest(self, prev_hash: str) -> str:
+        """Return the entry's hash once its predecessor's is known (= ``entry_hash``)."""
+        state = self.state.copy()
+        state.update((prev_hash + self.tail).encode("utf-8"))
+        return state.hexdigest()
+
+
+def _json(value: Any, name: str) -> tuple[Any, str]:
     """Check that a value is plain JSON (what the column stores and the hash covers).
 
     The C encoder refuses what JSON cannot hold (NaN, infinity, other types), so
     no walk of our own is needed; decoding again gives the value as stored.
+    Returns the value as stored and its JSON text, which is what the row is
+    written with (serialising a batch's entry again cost as much as this).
     """
     try:
         text = json.dumps(value, allow_nan=False)
@@ -199,7 +282,49 @@ def _json(value: Any, name: str) -> Any:
         raise AuditError(f"'{name}' must be JSON: {exc}") from None
     if "\\u0000" in text:
         raise AuditError(f"'{name}' cannot contain NUL characters")
-    return json.loads(text)
+    return (value if _as_stored(value) else json.loads(text)), text
+
+
+def _as_stored(value: Any) -> bool:
+    """Tell whether a JSON-serialisable value reads back from its JSON text as it is.
+
+    Objects with text keys, lists, text, whole numbers, true/false and null do
+    (a grouped entry's columns are checked a list at a time, in C); a tuple, a
+    key that is not text or a subclass does not, and is decoded again instead.
+    """
+    kind = type(value)
+    if kind is dict:
+        return all(type(key) is str and _as_stored(item) for key, item in value.items())
+    if kind is list:
+        kinds = set(map(type, value))
+        if kinds <= _SCALARS:
+            return True
+        return kinds <= _SCALARS | {list, dict} and all(map(_as_stored, value))
+    return kind in _SCALARS
+
+
+class _JSONText(sa.sql.expression.ColumnElement[Any]):
+    """SQL: a bound parameter holding JSON text, as the JSON column's value."""
+
+    inherit_cache = True
+
+    def __init__(self, name: str) -> None:
+        self.type = audit.c.changes.type
+        self.text = sa.bindparam(name, type_=sa.Text())
+
+
+@compiles(_JSONText, "postgresql")
+def _json_text_postgresql(element: _JSONText, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.text, **kw)} AS JSONB)"
+
+
+@compiles(_JSONText)
+def _json_text_sqlite(element: _JSONText, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.text, **kw)  # SQLite keeps JSON as its text
+
+
+#: Entries go in with their JSON values as text (see :func:`_json`).
+_INSERT = audit.insert().values(changes=_JSONText("changes_json"), detail=_JSONText("detail_json"))
 
 
 def _advance_head(connection: Connection, count: int) -> tuple[int, str]:
@@ -273,6 +398,10 @@ def _prepare(
     when = at or dt.datetime.now(dt.UTC)
     if not isinstance(when, dt.datetime) or when.tzinfo is None:
         raise AuditError("the time of an audit entry must carry a time zone")
+    stored_changes, changes_json = (
+        (None, None) if changes is None else _json(dict(changes), "changes")
+    )
+    stored_detail, detail_json = (None, None) if detail is None else _json(dict(detail), "detail")
     return {
         "id": uuid7(),
         # Stored at microsecond precision on both backends; hash what is stored.
@@ -282,9 +411,11 @@ def _prepare(
         "action": action,
         "entity": entity,
         "record_id": record_id,
-        "changes": None if changes is None else _json(dict(changes), "changes"),
-        "detail": None if detail is None else _json(dict(detail), "detail"),
+        "changes": stored_changes,
+        "detail": stored_detail,
         "ip": ip,
+        "changes_json": changes_json,
+        "detail_json": detail_json,
     }
 
 
@@ -334,24 +465,52 @@ def append_many(
     Each mapping holds the keyword arguments of :func:`append`. All entries
     are checked before anything is written.
     """
+    return append_prepared(connection, prepare(entries))
+
+
+@dataclass
+class Prepared:
+    """Entries checked, serialised and hashed up to their link (:func:`prepare`)."""
+
+    entries: list[dict[str, Any]]
+    hashes: list[_PendingHash]
+
+
+def prepare(entries: Iterable[Mapping[str, Any]]) -> Prepared:
+    """Check entries and do the work of appending them that needs no database.
+
+    Each mapping holds the keyword arguments of :func:`append`. What is left for
+    :func:`append_prepared` is taking the chain's lock, linking and writing.
+    """
     prepared = [_prepare(**entry) for entry in entries]
-    if not prepared:
+    return Prepared(prepared, [_PendingHash(entry) for entry in prepared])
+
+
+def append_prepared(connection: Connection, prepared: Prepared) -> list[dict[str, Any]]:
+    """Append entries made by :func:`prepare` in order, taking the lock once."""
+    if not prepared.entries:
         return []
-    seq, prev_hash = _advance_head(connection, len(prepared))
-    for entry in prepared:
+    seq, prev_hash = _advance_head(connection, len(prepared.entries))
+    for entry, pending in zip(prepared.entries, prepared.hashes, strict=True):
         entry["seq"] = seq
         entry["prev_hash"] = prev_hash
-        entry["hash"] = prev_hash = entry_hash(entry, prev_hash)
+        entry["hash"] = prev_hash = pending.hexdigest(prev_hash)
         seq += 1
+    entries = prepared.entries
     set_head = audit_head.update().where(audit_head.c.id == _HEAD_ID).values(hash=prev_hash)
     if connection.dialect.name == "postgresql":
         set_head = set_head.values(seq=seq - 1)
     # Two statements, both compiled once and cached: a data-modifying CTE carrying
     # the entries as a VALUES list would save a round trip but is compiled anew on
     # every call, which costs more than the trip.
-    connection.execute(audit.insert(), prepared)
+    rows = [
+        {k: v for k, v in entry.items() if k != "changes" and k != "detail"} for entry in entries
+    ]
+    connection.execute(_INSERT, rows)
     connection.execute(set_head)
-    return prepared
+    for entry in entries:
+        del entry["changes_json"], entry["detail_json"]
+    return entries
 
 
 # --- verification -------------------------------------------------------------------------

@@ -13,9 +13,11 @@ import datetime as dt
 import decimal
 import difflib
 import functools
+import itertools
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -47,6 +49,7 @@ from metacrm.runtime.store import outbox, sequence
 
 MASK = "********"
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 #: Execution option of a connection whose whole transaction ends with the write: the
@@ -326,11 +329,58 @@ def _too_wide(value: Any) -> bool:
 _ABSENT = object()
 
 
-def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] | None:
+@dataclass
+class _Columns:
+    """A bulk create's payloads read a field at a time (see :func:`_read_columns`)."""
+
+    #: The fields the payloads give, in field order, and their values per payload
+    #: (:data:`_ABSENT` where a payload leaves the field out).
+    names: list[str]
+    columns: list[list[Any]]
+    #: Fields filled with their default where a payload leaves them out, and that value.
+    defaults: list[tuple[str, Any]]
+    count: int
+    gaps: bool
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Return each payload's values as :func:`_validate` does (keys in its order)."""
+        names, defaults = self.names, self.defaults
+        if not self.gaps and not defaults:
+            return [dict(zip(names, row, strict=True)) for row in zip(*self.columns, strict=True)]
+        batch = []
+        for row in zip(*self.columns, strict=True):
+            values = {name: v for name, v in zip(names, row, strict=True) if v is not _ABSENT}
+            for name, default in defaults:
+                if name not in values:
+                    values[name] = default
+            batch.append(values)
+        return batch
+
+    def filled(self) -> tuple[list[str], list[list[Any]]]:
+        """Return every field's column with defaults filled in and null for the rest.
+
+        A payload that leaves out a field without a default stores null there, as
+        leaving it out means.
+        """
+        names, columns = list(self.names), []
+        fill = dict(self.defaults)
+        for name, column in zip(self.names, self.columns, strict=True):
+            if self.gaps and _ABSENT in column:
+                value = fill.pop(name, None)
+                column = [value if v is _ABSENT else v for v in column]
+            columns.append(column)
+        for name, value in fill.items():
+            if name not in self.names:
+                names.append(name)
+                columns.append([value] * self.count)
+        return names, columns
+
+
+def _read_columns(c: _Context, items: Sequence[Any]) -> _Columns | None:
     """Read a bulk create's payloads a field at a time; None when the per-row path must.
 
-    Returns for each item exactly what :func:`_validate` would (values, no
-    errors) — or None as soon as anything is not plainly fine: a value refused,
+    Holds for each item exactly what :func:`_validate` would return (values, no
+    errors) — or is None as soon as anything is not plainly fine: a value refused,
     a null, a required field left out or empty, a field that field-level security
     screens, an ``owner_id``. The caller then validates the items one by one,
     which words every problem; this path never words one. An import's batch is
@@ -355,7 +405,10 @@ def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] |
     for name, _ in plan.converters:
         if name not in given:
             continue
-        column = [data.get(name, _ABSENT) for data in items]
+        try:
+            column = list(map(itemgetter(name), items))  # in C; a gap raises KeyError
+        except KeyError:
+            column = [data.get(name, _ABSENT) for data in items]
         if None in column:
             return None
         present = [v for v in column if v is not _ABSENT] if _ABSENT in column else column
@@ -380,7 +433,7 @@ def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] |
         if name in given and not gaps:
             continue
         if f.has_default:
-            defaults.append((name, f))
+            defaults.append((name, fieldtypes.get(f.type).coerce(f, f.default)))
         elif f.required and name not in given:
             return None
     if c.connection.dialect.name == "sqlite":
@@ -388,21 +441,16 @@ def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] |
         for name, column in zip(names, columns, strict=True):
             if name in converted and name in create.wide_decimals and any(map(_too_wide, column)):
                 return None
-        for name, f in defaults:
-            if name in create.wide_decimals and _too_wide(
-                fieldtypes.get(f.type).coerce(f, f.default)
-            ):
+        for name, default in defaults:
+            if name in create.wide_decimals and _too_wide(default):
                 return None
-    if not gaps and not defaults:
-        return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
-    batch = []
-    for row in zip(*columns, strict=True):
-        values = {name: v for name, v in zip(names, row, strict=True) if v is not _ABSENT}
-        for name, f in defaults:
-            if name not in values:
-                values[name] = fieldtypes.get(f.type).coerce(f, f.default)
-        batch.append(values)
-    return batch
+    return _Columns(names, columns, defaults, len(items), gaps)
+
+
+def _validate_batch(c: _Context, items: Sequence[Any]) -> list[dict[str, Any]] | None:
+    """Return :func:`_read_columns`'s reading as each payload's values, or None."""
+    batch = _read_columns(c, items)
+    return None if batch is None else batch.rows()
 
 
 def _screen(
@@ -780,21 +828,29 @@ def _logged(
     return event, entry
 
 
-def _write_logs(c: _Context, logs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+def _write_logs(
+    c: _Context,
+    logs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
+    prepared: audittrail.Prepared | None = None,
+) -> None:
     """Write outbox rows, then audit entries: one statement each however many there are.
+
+    ``prepared`` is the entries of ``logs`` already through :func:`audittrail.prepare`.
 
     The audit append locks the tenant's chain until commit; taking it only
     after every row lock of the write means a bulk write and a single write of
     one of its records cannot wait on each other in a circle (a deadlock on
     PostgreSQL), and other writers wait for less time.
     """
-    if len(logs) == 1:
+    if len(logs) == 1 and prepared is None:
         ((event, entry),) = logs
         c.connection.execute(outbox.insert().values(**event))
         audittrail.append(c.connection, **entry)
     elif logs:
         c.connection.execute(outbox.insert(), [event for event, _ in logs])
-        audittrail.append_many(c.connection, [entry for _, entry in logs])
+        if prepared is None:
+            prepared = audittrail.prepare([entry for _, entry in logs])
+        audittrail.append_prepared(c.connection, prepared)
 
 
 def _record_log(
@@ -830,26 +886,54 @@ def _log_many(
     _log_each(c, operation, [(record_id, changes, version) for record_id, changes in entries])
 
 
+#: Records per grouped audit entry and outbox event (decision records 0013 and 0015).
+GROUP = 500
+
+
 def _log_group(
-    c: _Context, operation: str, entries: Sequence[tuple[uuid.UUID, dict[str, Any]]], version: int
+    c: _Context,
+    operation: str,
+    ids: list[str],
+    columns: Mapping[str, list[Any]],
+    version: int,
 ) -> None:
-    """Record many new records with one outbox event and one audit entry (imports).
+    """Record many new records with one outbox event and one audit entry per :data:`GROUP`.
 
-    ``entries`` holds each record's id and its values as the audit trail keeps them.
+    ``ids`` are the records' ids, ``columns`` each field's values in that order,
+    as the audit trail keeps them (null where a record has none).
 
-    The audit entry (``record_id`` empty, ``detail.records`` the count) holds
-    ``changes`` as ``{record id: {field: value}}``: every created record and the
-    values it was created with, which is what per-record entries said as
-    ``[null, value]`` pairs. The outbox event carries the ids (``payload.ids``);
-    a consumer reads the records it needs. Readers that look for one record
-    (the audit API's ``record_id`` filter) look inside such entries too
-    (:func:`metacrm.runtime.audittrail.about_record`). Decision record 0013.
+    Each audit entry (``record_id`` empty, ``detail.records`` the count) holds
+    ``changes`` as ``{"ids": [...], "values": {field: [...]}}``
+    (:func:`metacrm.runtime.audittrail.group_changes`): every created record and
+    the values it was created with, which is what per-record entries said as
+    ``[null, value]`` pairs, with each field's name written once. The outbox event
+    carries the ids (``payload.ids``); a consumer reads the records it needs.
+    Readers that look for one record (the audit API's ``record_id`` filter) look
+    inside such entries too (:func:`metacrm.runtime.audittrail.about_record`).
+    The entries of one call are appended together (one lock, one statement).
+    Decision records 0013 and 0015.
     """
-    ids = [str(record_id) for record_id, _ in entries]
-    changes = {record_id: values for record_id, (_, values) in zip(ids, entries, strict=True)}
-    payload = {"ids": ids, "version": version}
-    detail = {"version": version, audittrail.GROUPED: len(ids)}
-    _write_logs(c, [_logged(c, operation, None, payload, changes, detail)])
+    _write_logs(c, _group_logs(c, operation, ids, columns, version))
+
+
+def _group_logs(
+    c: _Context,
+    operation: str,
+    ids: list[str],
+    columns: Mapping[str, list[Any]],
+    version: int,
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Return the outbox rows and audit entries of :func:`_log_group`."""
+    logs = []
+    for start in range(0, len(ids), GROUP):
+        end = start + GROUP
+        part = ids[start:end]
+        values = {name: column[start:end] for name, column in columns.items()}
+        changes = audittrail.group_changes(part, values)
+        payload = {"ids": part, "version": version}
+        detail = {"version": version, audittrail.GROUPED: len(part)}
+        logs.append(_logged(c, operation, None, payload, changes, detail))
+    return logs
 
 
 def _fetch_many(
@@ -928,6 +1012,7 @@ def create_many(
     bulk: bool = False,
     returning: bool = True,
     grouped: bool = False,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[dict[str, Any]]:
     """Create records, all or none; errors point into the list (``/3/name``) when ``bulk``.
 
@@ -935,12 +1020,17 @@ def create_many(
     many): each answer is ``{"id": ...}``. With ``grouped`` the records created by
     the call share one audit entry and one outbox event (see :func:`_log_group`)
     instead of one each: an import writes thousands of records a second, and an
-    entry of its own per record cost more than the record.
+    entry of its own per record cost more than the record. ``meanwhile`` (imports:
+    reading the file's next batch) may be run while the server stores a grouped
+    batch's rows, or not at all.
     """
     c = _context(connection, model, entity, caller, cipher)
     prepared: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, str]] = []
-    batch = _validate_batch(c, items) if bulk else None
+    columns = _read_columns(c, items) if bulk else None
+    if columns is not None and grouped:
+        return _create_columns(c, columns, returning, meanwhile)
+    batch = None if columns is None else columns.rows()
     if batch is not None:
         prepared = [(f"/{index}", values) for index, values in enumerate(batch)]
     for index, data in enumerate(items if batch is None else ()):
@@ -992,7 +1082,14 @@ def create_many(
             created_with["owner_id"] = json_value(row["owner_id"])
         entries.append((record_id, created_with))
     if grouped and len(entries) > 1:
-        _log_group(c, "create", entries, 1)
+        names = list(dict.fromkeys(name for _, new in entries for name in new))
+        _log_group(
+            c,
+            "create",
+            [str(record_id) for record_id, _ in entries],
+            {name: [new.get(name) for _, new in entries] for name in names},
+            1,
+        )
     else:
         _log_many(
             c,
@@ -1004,6 +1101,118 @@ def create_many(
         return [{"id": str(record_id)} for _, record_id in created]
     shown_model, shown = _shown(c)
     return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
+
+
+def _create_columns(
+    c: _Context,
+    batch: _Columns,
+    returning: bool,
+    meanwhile: Callable[[], object] | None = None,
+) -> list[dict[str, Any]]:
+    """Create the records of a grouped bulk create (an import batch) a column at a time.
+
+    What :func:`create_many` does row by row, done per field: the same checks, the
+    rows by ``COPY`` (or one ``executemany``), one grouped audit entry whose
+    ``changes`` are columns already. A batch here has no per-record owner (an
+    ``owner_id`` in a payload sends it down the row path), so every record is the
+    caller's and in the caller's team.
+    """
+    entity, caller = c.entity, c.caller
+    names, columns = batch.filled()
+    if _reference_fields(entity) or _unique_fields(entity):
+        prepared = [
+            (f"/{index}", dict(zip(names, row, strict=True)))
+            for index, row in enumerate(zip(*columns, strict=True))
+        ]
+        errors = _check_references(c, prepared)
+        errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
+        if errors:
+            raise _refused(c, errors)
+    ids = _new_ids(batch.count)
+    numbers = {
+        f.name: _next_numbers(c, f, batch.count)
+        for f in entity.entity.active_fields()
+        if f.type == "auto_number"
+    }
+    constants = dict(
+        zip(_STAMPS, (c.now, caller.user_id, c.now, caller.user_id, 1), strict=True),
+        owner_id=caller.user_id,
+        team_id=caller.team_id,
+    )
+    stored: dict[str, list[Any]] = {"id": ids, **numbers}
+    unlike = _unlike_columns(entity)
+    for name, column in zip(names, columns, strict=True):
+        if name not in unlike:
+            stored[name] = column
+            continue
+        kind = entity.entity.fields[name].type
+        if kind == "related_to":
+            stored[f"{name}_entity"] = [None if v is None else v[0] for v in column]
+            stored[f"{name}_id"] = [None if v is None else v[1] for v in column]
+        elif kind == "encrypted_text":
+            stored[name] = [None if v is None else c.cipher.encrypt(v) for v in column]
+    audited = _audited_fields(entity)
+
+    def audit_logs() -> tuple[list[str], list[Any], audittrail.Prepared]:
+        values = {
+            name: _audit_column(audited[name], column) if name in audited else column
+            for name, column in zip(names, columns, strict=True)
+        }
+        values.update(numbers)
+        keys = list(map(str, ids))
+        logs = _group_logs(c, "create", keys, values, 1)
+        prepared = audittrail.prepare([entry for _, entry in logs])
+        if meanwhile is not None:
+            meanwhile()
+        return keys, logs, prepared
+
+    try:
+        # The batch's audit entries are made (and ``meanwhile`` run) while the server is
+        # busy with its rows.
+        keys, logs, prepared = _write_columns(c, constants, stored, batch.count, audit_logs)
+        if entity.links:
+            linked = [
+                (name, column)
+                for name, column in zip(names, columns, strict=True)
+                if name in entity.links
+            ]
+            for index, record_id in enumerate(ids):
+                _write_relations(c, record_id, {name: column[index] for name, column in linked})
+    except sa.exc.IntegrityError as exc:
+        raise _refused(c, _integrity(c, exc).errors) from None
+    errors = _check_rules(c, [(f"/{index}", record_id) for index, record_id in enumerate(ids)])
+    if errors:
+        raise _refused(c, errors)
+    _write_logs(c, logs, prepared)
+    if not returning:
+        return [{"id": key} for key in keys]
+    shown_model, shown = _shown(c)
+    return _fetch_many(c.connection, shown_model, shown, ids, c.eval_context())
+
+
+#: The random bits of a UUIDv7 below its variant (RFC 9562's ``rand_b``).
+_RAND_B = (1 << 62) - 1
+
+
+def _new_ids(count: int) -> list[uuid.UUID]:
+    """Return ``count`` new record ids: UUIDv7s in ascending order.
+
+    One UUIDv7 is drawn and its random part counted up for the rest, which RFC
+    9562 allows for ids made together (its "monotonic random" method); drawing
+    one per record (a system call for its random bits) cost more than the record's
+    COPY. The next draw of the process has a later timestamp, so none repeats.
+    """
+    while True:
+        first = uuid7().int
+        if (first & _RAND_B) + count <= _RAND_B:  # never carries into the variant bits
+            return [uuid.UUID(int=first + n) for n in range(count)]
+
+
+def _audit_column(f: FieldDef, column: list[Any]) -> list[Any]:
+    """Return a column of one field's values as the audit trail keeps them."""
+    if f.type == "encrypted_text" or f.type == "related_to":
+        return [_audit_value(f, value) for value in column]
+    return list(map(json_value, column))
 
 
 #: Field types whose values are already the JSON the audit trail keeps (text, numbers).
@@ -1064,27 +1273,44 @@ def _insert(c: _Context, stamps: Mapping[str, Any], rows: Sequence[dict[str, Any
 def _write_rows(
     c: _Context, names: Sequence[str], stamps: Mapping[str, Any], rows: Sequence[dict[str, Any]]
 ) -> None:
-    """Send rows (the columns ``names``) through the driver connection of ``c``.
+    """Send rows (the columns ``names``; ``stamps`` the same for every row) to the table."""
+    constants = {name: stamps[name] for name in names if name in stamps}
+    stored = {name: [row.get(name) for row in rows] for name in names if name not in stamps}
+    _write_columns(c, constants, stored, len(rows))
 
-    The driver's own bulk paths skip SQLAlchemy's per-row parameter handling,
-    which cost more than the database's work for a 500-row batch; a driver error
-    goes through SQLAlchemy's handling (an IntegrityError stays one, a lost
-    connection is invalidated), so callers see no difference. Table and schema
-    names are quoted identifiers from validated metadata; values are never part
-    of the statement.
+
+def _write_columns(
+    c: _Context,
+    constants: Mapping[str, Any],
+    columns: Mapping[str, list[Any]],
+    count: int,
+    meanwhile: Callable[[], _T] | None = None,
+) -> _T | None:
+    """Send ``count`` rows, given a column at a time, through the driver connection of ``c``.
+
+    ``constants`` are columns with one value for every row. ``meanwhile`` is run
+    once the rows are sent and before the server is waited for (PostgreSQL takes
+    COPY rows as they come), and its result returned. The driver's own bulk
+    paths skip SQLAlchemy's per-row parameter handling, which cost more than the
+    database's work for a 500-row batch; each value goes through its column type's
+    bind processing first (a constant once), as it would through an INSERT. A
+    driver error goes through SQLAlchemy's handling (an IntegrityError stays one,
+    a lost connection is invalidated), so callers see no difference. Table and
+    schema names are quoted identifiers from validated metadata; values are never
+    part of the statement.
     """
     dialect = c.connection.dialect
-    count = len(rows)
-    columns: list[list[Any]] = []
+    names = [*constants, *columns]
+    values: list[Iterable[Any]] = []
     for name in names:
-        process = c.table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-        if name in stamps:
-            value = stamps[name]
-            columns.append([process(value) if process else value] * count)
-            continue
-        values = [row.get(name) for row in rows]
-        columns.append([process(v) for v in values] if process else values)
-    params = list(zip(*columns, strict=True))
+        process = _bind_processor(c.table.c[name], dialect)
+        if name in constants:
+            value = constants[name]
+            values.append(itertools.repeat(process(value) if process else value, count))
+        else:
+            column = columns[name]
+            values.append(list(map(process, column)) if process else column)
+    params = zip(*values, strict=True)
     quote = dialect.identifier_preparer.quote
     target = quote(c.table.name)
     schema = (c.connection.get_execution_options().get("schema_translate_map") or {}).get(None)
@@ -1094,13 +1320,21 @@ def _write_rows(
     cursor = c.connection.connection.cursor()
     try:
         if dialect.name == "postgresql":
-            statement = f"COPY {target} ({listed}) FROM STDIN"
+            types = [_binary_copy_type(c.table.c[name], dialect) for name in names]
+            binary = None not in types
+            statement = f"COPY {target} ({listed}) FROM STDIN" + (
+                " (FORMAT BINARY)" if binary else ""
+            )
             with cursor.copy(statement) as copy:
-                for values in params:
-                    copy.write_row(values)
+                if binary:
+                    copy.set_types(types)
+                for row in params:
+                    copy.write_row(row)
+                result = meanwhile() if meanwhile else None
         else:
             statement = f"INSERT INTO {target} ({listed}) VALUES ({', '.join('?' * len(names))})"
             cursor.executemany(statement, params)
+            result = meanwhile() if meanwhile else None
     except c.connection.dialect.loaded_dbapi.Error as exc:
         # SQLAlchemy's own handling: the same exception classes as an INSERT would
         # raise, a lost connection invalidated (and answered 503), handle_error events.
@@ -1108,6 +1342,44 @@ def _write_rows(
         raise  # not reached: the handler raises
     finally:
         cursor.close()
+    return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _bind_processor(column: sa.Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """Return a column's bind processing for ``dialect`` (built once, not per batch)."""
+    return column.type.dialect_impl(dialect).bind_processor(dialect)
+
+
+#: PostgreSQL types whose values COPY may send in binary: the driver's binary form of
+#: what their bind processing gives (UUID, datetime, str, Decimal, int, date, bool).
+_BINARY_COPY = frozenset(
+    {
+        "uuid",
+        "timestamp with time zone",
+        "varchar",
+        "text",
+        "numeric",
+        "bigint",
+        "integer",
+        "smallint",
+        "date",
+        "boolean",
+    }
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _binary_copy_type(column: sa.Column[Any], dialect: Dialect) -> str | None:
+    """Return a column's PostgreSQL type for a binary COPY, or None if it goes as text.
+
+    Binary rows spare the server parsing every value's text (a timestamp, a UUID,
+    a decimal) and the driver writing it: a batch of D4 rows went in 1.5 times as
+    fast. Other types (JSON, floats, times) keep the text format for the table.
+    """
+    compiled = dialect.type_compiler_instance.process(column.type.dialect_impl(dialect))
+    name = compiled.split("(")[0].strip().lower()
+    return name if name in _BINARY_COPY else None
 
 
 def create(

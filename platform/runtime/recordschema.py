@@ -8,9 +8,11 @@ are refused here with messages that say why.
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 import difflib
 import functools
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -91,9 +93,40 @@ class PayloadPlan:
     #: Per field, where there is one: whether a whole column of values is plainly
     #: valid as it is (checked in C over the column, no call per value).
     column_checks: Mapping[str, ColumnCheck]
+    #: Per field, where there is one: a whole column of plainly valid values read at
+    #: once (None when any is not, and the converter reads each).
+    column_readers: Mapping[str, ColumnReader]
 
 
 ColumnCheck = Callable[[list[Any]], bool]
+ColumnReader = Callable[[list[Any]], "list[Any] | None"]
+
+
+def _format_column(shortest: int, longest: int, pattern: re.Pattern[str]) -> ColumnCheck:
+    """Check a column of an e-mail, phone or URL field: text of the right length and form."""
+
+    def check(values: list[Any]) -> bool:
+        return (
+            set(map(type, values)) == {str}
+            and shortest <= min(map(len, values))
+            and max(map(len, values)) <= longest
+            and all(map(pattern.fullmatch, values))
+        )
+
+    return check
+
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+
+
+def _date_column(values: list[Any]) -> list[Any] | None:
+    """Read a column of a date field written ``YYYY-MM-DD`` (what ``coerce`` gives for each)."""
+    if set(map(type, values)) != {str} or not all(map(_ISO_DATE.fullmatch, values)):
+        return None
+    try:
+        return list(map(dt.date.fromisoformat, values))
+    except ValueError:
+        return None  # not a calendar date: the converter words it
 
 
 def _text_column(shortest: int, longest: int) -> ColumnCheck:
@@ -143,6 +176,12 @@ def _converter(f: FieldDef) -> tuple[Converter, ColumnCheck | None]:
         return functools.partial(_related_to, f), None
     if f.type == "many_to_many":
         return functools.partial(_relation, f), None
+    if f.type in fieldtypes.FORMATS and not f.get("pattern"):
+        shortest, longest = f.get("min_length", 0), fieldtypes.max_length(f)
+        return (
+            functools.partial(fieldtypes.get(f.type).coerce, f),
+            _format_column(shortest, longest, fieldtypes.FORMATS[f.type]),
+        )
     if f.type in ("text", "long_text", "encrypted_text") and not f.get("pattern"):
         shortest, longest = f.get("min_length", 0), fieldtypes.max_length(f)
         return (
@@ -209,6 +248,7 @@ def payload_plan(entity: EntityModel) -> PayloadPlan:
         tuple((name, convert) for name, (convert, _) in chosen.items()),
         frozenset(f.name for f in fields if f.name not in SYSTEM_FIELDS),
         {name: check for name, (_, check) in chosen.items() if check is not None},
+        {f.name: _date_column for f in fields if f.type == "date"},
     )
 
 
@@ -220,6 +260,11 @@ def load_column(entity: EntityModel, name: str, values: list[Any]) -> list[Any] 
     check = plan.column_checks.get(name)
     if check is not None and check(values):
         return values
+    read = plan.column_readers.get(name)
+    if read is not None:
+        loaded = read(values)
+        if loaded is not None:
+            return loaded
     convert = dict(plan.converters)[name]
     try:
         return list(map(convert, values))

@@ -232,12 +232,13 @@ def view(
 ) -> dict[str, Any]:
     """Return an entry as the viewer may see it (hidden fields left out of ``changes``).
 
-    A grouped entry (the records of an import batch) keeps its shape, ``changes``
-    keyed by record id, each record's fields masked alike; asked for one
-    ``record_id``, it shows that record's part only.
+    A grouped entry (the records of an import batch) shows ``changes`` keyed by
+    record id, whichever form it is stored in (:func:`audittrail.group_members`),
+    each record's fields masked alike; asked for one ``record_id``, it shows that
+    record's part only.
     """
     if audittrail.is_grouped(row) and isinstance(row["changes"], dict):
-        group = row["changes"]
+        group = audittrail.group_members(row["changes"])
         if record_id is not None:
             group = {k: v for k, v in group.items() if k == str(record_id)}
         changes = {

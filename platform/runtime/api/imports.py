@@ -17,7 +17,8 @@ were used (``200`` for a dry run); ``422 unreadable_file`` when the file or its
 header cannot be read (every problem listed); ``422 validation_failed`` when
 rows are refused, each error naming its ``row`` (the file's line) and pointing
 at ``/rows/<row>/<field>``. A completed import is audited once as
-``record.import`` besides the grouped ``record.create`` entry of each batch.
+``record.import`` besides the grouped ``record.create`` entries of its records (one
+per 500).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from metacrm.runtime import metastore, tokens
+from metacrm.runtime import audittrail, metastore, tokens
 from metacrm.runtime.control import Membership, Team, Tenant, User
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.store import audit, outbox
@@ -242,10 +242,13 @@ def test_csv_import_creates_every_row_through_the_record_service(world: World) -
     group = entries[0]
     assert group.record_id is None and group.entity == "customer"
     assert group.detail == {"version": 1, "records": 3}
-    assert set(group.changes) == {c["id"] for c in found.values()}
-    assert group.changes[first["id"]]["name"] == f"上海{tag}贸易"
-    assert group.changes[first["id"]]["tags"] == ["vip", "华东"]
-    assert group.changes[found[f"Gamma {tag}"]["id"]]["lifetime_value"] in ("3", "3.00")
+    # Stored in columns (decision 0015): the ids once, each field's values in their order.
+    assert set(group.changes) == {"ids", "values"}
+    assert set(group.changes["ids"]) == {c["id"] for c in found.values()}
+    members = audittrail.group_members(group.changes)
+    assert members[first["id"]]["name"] == f"上海{tag}贸易"
+    assert members[first["id"]]["tags"] == ["vip", "华东"]
+    assert members[found[f"Gamma {tag}"]["id"]]["lifetime_value"] in ("3", "3.00")
     assert entries[-1].detail == {
         "format": "csv",
         "rows": 3,

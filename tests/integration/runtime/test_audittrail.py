@@ -696,3 +696,19 @@ def test_audience_is_exactly_one_of_user_or_capability(store):
                 message=MESSAGE,
             )
         )
+
+
+def test_entry_values_are_compressed_with_lz4_where_postgresql_has_it(store):
+    """An import's entries hold ~100 kB of JSON each; lz4 takes a fraction of pglz's time."""
+    if store.dialect != "postgresql":
+        assert store.schema is None  # SQLite keeps JSON as text, uncompressed
+        return
+    with store.connect() as connection:
+        has_lz4 = connection.exec_driver_sql(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+        ).scalar_one()
+        method = connection.exec_driver_sql(
+            "SELECT attcompression FROM pg_attribute "
+            f"WHERE attrelid = '\"{store.schema}\"._audit'::regclass AND attname = 'changes'"
+        ).scalar_one()
+    assert method == ("l" if has_lz4 else "")

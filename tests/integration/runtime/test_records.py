@@ -281,12 +281,17 @@ def test_a_grouped_create_writes_one_audit_entry_and_one_event(tenant):
     assert entry.action == "record.create" and entry.record_id is None
     assert entry.entity == "customer" and entry.detail == {"version": 1, "records": 3}
     assert audittrail.is_grouped(entry._mapping)
-    assert list(entry.changes) == ids
+    # In columns: the ids once, each field's name once with its values in id order.
+    assert entry.changes["ids"] == ids
+    assert entry.changes["values"]["name"] == ["g1", "g2", "g3"]
+    assert entry.changes["values"]["email"] == ["g1@x.example", None, None]
+    members = audittrail.group_members(entry.changes)
+    assert list(members) == ids
     # The values each record was created with, defaults included.
-    assert entry.changes[ids[0]].items() >= {"name": "g1", "email": "g1@x.example"}.items()
-    assert entry.changes[ids[0]]["kind"] == "company"
-    assert entry.changes[ids[2]]["lifetime_value"] in ("12.50", "12.5")
-    assert entry.changes[ids[2]]["tags"] == ["a"]
+    assert members[ids[0]].items() >= {"name": "g1", "email": "g1@x.example"}.items()
+    assert members[ids[0]]["kind"] == "company"
+    assert members[ids[2]]["lifetime_value"] in ("12.50", "12.5")
+    assert members[ids[2]]["tags"] == ["a"]
     assert event.event == "record.create" and event.record_id is None
     assert event.payload == {"entity": "customer", "ids": ids, "operation": "create", "version": 1}
     # One record alone keeps an entry of its own, grouped or not.
@@ -302,6 +307,148 @@ def test_a_grouped_create_writes_one_audit_entry_and_one_event(tenant):
     with store.connect() as connection:
         single = connection.execute(sa.select(audit).order_by(audit.c.seq.desc())).first()
     assert single.record_id is not None and single.changes["name"] == [None, "g4"]
+
+
+def _deals(customer_id: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"d{i}",
+            "customer": customer_id,
+            "amount": f"{i}.50",
+            "probability": i % 101,
+            "expected_close_on": "2026-03-04",
+            "secret_note": f"secret {i}",
+            "stage": "lead",
+        }
+        for i in range(count)
+    ]
+
+
+def test_a_grouped_create_of_many_records_writes_an_entry_per_500_in_columns(tenant):
+    """An import batch of 1,200 deals: entries of 500, 500 and 200 records, each in columns."""
+    platform, store = tenant
+    c = customer(tenant)
+    partner = customer(tenant, name="Partner")
+    items = _deals(c["id"], 1200)
+    items[5]["partners"] = [partner["id"]]
+    before = counts(tenant)
+    made = run(
+        tenant,
+        records.create_many,
+        "deal",
+        items,
+        CALLER,
+        platform.cipher,
+        bulk=True,
+        returning=False,
+        grouped=True,
+    )
+    assert counts(tenant) == (before[0] + 3, before[1] + 3)
+    ids = [m["id"] for m in made]
+    assert ids == sorted(ids) and len(set(ids)) == 1200  # counted up from one UUIDv7
+    with store.connect() as connection:
+        entries = connection.execute(sa.select(audit).order_by(audit.c.seq.desc()).limit(3)).all()[
+            ::-1
+        ]
+        events = connection.execute(sa.select(outbox).order_by(outbox.c.id.desc()).limit(3)).all()
+        assert audittrail.verify(connection).ok
+        model = platform.models.current(store, connection)
+        fifth = records.get(connection, model, model.entity("deal"), uuid.UUID(ids[5]), _ctx())
+    assert [e.detail["records"] for e in entries] == [500, 500, 200]
+    assert [e.changes["ids"] for e in entries] == [ids[:500], ids[500:1000], ids[1000:]]
+    assert sorted(len(e.payload["ids"]) for e in events) == [200, 500, 500]
+    values = entries[0].changes["values"]
+    assert values["secret_note"][:2] == [records.MASK, records.MASK]  # never the plaintext
+    assert values["amount"][:2] in (["0.50", "1.50"], ["0.5", "1.5"])
+    assert values["expected_close_on"][0] == "2026-03-04"
+    assert values["number"][:2] == ["D-00001", "D-00002"]
+    assert values["partners"][5] == [partner["id"]] and values["partners"][4] is None
+    assert fifth["name"] == "d5" and fifth["number"] == "D-00006"
+    with store.connect() as connection:
+        note = records.decrypt_field(
+            connection, model.entity("deal"), uuid.UUID(ids[7]), "secret_note", platform.cipher
+        )
+    assert note == "secret 7"
+
+
+def test_a_refused_grouped_create_stores_nothing_and_the_transaction_goes_on(tenant):
+    """A rule checked after the rows went in: no row, entry or event of the batch is left."""
+    platform, store = tenant
+    c = customer(tenant)
+    items = _deals(c["id"], 700)
+    items[650]["stage"] = "won"  # a won deal needs a close date (the entity's rule)
+    before = counts(tenant)
+    with store.begin() as connection:
+        model = platform.models.current(store, connection)
+        deal = model.entity("deal")
+        with pytest.raises(RecordInvalid) as info:
+            records.create_many(
+                connection,
+                model,
+                deal,
+                items,
+                CALLER,
+                platform.cipher,
+                bulk=True,
+                returning=False,
+                grouped=True,
+            )
+        assert info.value.errors == [
+            {"pointer": "/650", "message": "A won deal needs a close date"}
+        ]
+        stored = connection.execute(sa.select(sa.func.count()).select_from(deal.table))
+        assert stored.scalar_one() == 0
+        made = records.create_many(
+            connection,
+            model,
+            deal,
+            items[:2],
+            CALLER,
+            platform.cipher,
+            bulk=True,
+            returning=False,
+            grouped=True,
+        )
+    assert len(made) == 2
+    assert counts(tenant) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_record_is_found_in_grouped_entries_of_either_form(tenant):
+    """about_record reads the columns and the entries written before them (keyed by id)."""
+    platform, store = tenant
+    made = run(
+        tenant,
+        records.create_many,
+        "customer",
+        [{"name": "k1"}, {"name": "k2"}],
+        CALLER,
+        platform.cipher,
+        bulk=True,
+        returning=False,
+        grouped=True,
+    )
+    old_id = str(uuid.uuid4())
+    with store.begin() as connection:
+        audittrail.append(
+            connection,
+            action="record.create",
+            actor_id=CALLER.user_id,
+            actor_name=CALLER.name,
+            entity="customer",
+            changes={old_id: {"name": "old"}},
+            detail={"version": 1, "records": 1},
+        )
+    with store.connect() as connection:
+        for wanted, expected in ((made[1]["id"], "k2"), (old_id, "old")):
+            found = connection.execute(
+                sa.select(audit).where(audittrail.about_record(uuid.UUID(wanted)))
+            ).all()
+            assert len(found) == 1
+            assert audittrail.group_members(found[0].changes)[wanted]["name"] == expected
+        missing = connection.execute(
+            sa.select(audit).where(audittrail.about_record(uuid.uuid4()))
+        ).all()
+        assert missing == []
 
 
 def test_bulk_unique_checks_name_taken_and_repeated_values_per_row(tenant):
@@ -546,3 +693,70 @@ def test_a_batch_with_any_problem_is_left_to_the_payload_by_payload_reading(tena
     batch, one_by_one = _both_ways(tenant, LEFT_TO_EACH[case])
     assert batch is None
     assert any(errors for _, errors in one_by_one) == (case != "a null")
+
+
+def _import(tenant, text: str, batch: int) -> tuple[int, int]:
+    import io
+
+    from metacrm.runtime import importer
+
+    platform, store = tenant
+    with store.begin() as connection:
+        model = platform.models.current(store, connection)
+        entity = model.entity("customer")
+        _, rows = importer.csv_rows(entity, io.StringIO(text, newline=""))
+        return importer.import_rows(
+            connection, model, entity, rows, CALLER, platform.cipher, batch=batch
+        )
+
+
+def test_an_import_reading_ahead_lists_problems_in_file_order_and_stores_nothing(tenant):
+    """Each batch's next one is read while the server stores it; errors keep the file's order."""
+    from metacrm.runtime import importer
+
+    lines = ["name,email"] + [f"c{i},c{i}@x.example" for i in range(10)]
+    lines[4] = "c3,not-an-email"
+    lines[9] = "c8,c8@x.example,extra"
+    lines[10] = ",c9@x.example"
+    before = counts(tenant)
+    with pytest.raises(importer.ImportRefused) as info:
+        _import(tenant, "\n".join(lines) + "\n", batch=3)
+    assert [e["row"] for e in info.value.errors] == [5, 10, 11]
+    assert info.value.rows_read == 10 and info.value.complete
+    assert counts(tenant) == before
+    read, created = _import(tenant, "\n".join(["name"] + [f"ok{i}" for i in range(7)]), batch=3)
+    assert (read, created) == (7, 7)
+    assert counts(tenant) == (before[0] + 3, before[1] + 3)  # entries of 3, 3 and 1 records
+
+
+def test_an_import_batch_whose_audit_fails_stores_nothing(tenant, monkeypatch):
+    """The grouped column path writes its entries through the same writer; a failure there
+    takes the batch's rows and event with it."""
+    platform, store = tenant
+    before = counts(tenant)
+
+    def broken(connection, prepared):
+        raise sa.exc.OperationalError("INSERT INTO _audit", {}, Exception("disk full"))
+
+    monkeypatch.setattr(audittrail, "append_prepared", broken)
+    with pytest.raises(sa.exc.OperationalError):
+        run(
+            tenant,
+            records.create_many,
+            "customer",
+            [{"name": f"f{i}"} for i in range(600)],
+            CALLER,
+            platform.cipher,
+            bulk=True,
+            returning=False,
+            grouped=True,
+        )
+    monkeypatch.undo()
+    assert counts(tenant) == before
+    with store.connect() as connection:
+        model = platform.models.current(store, connection)
+        table = model.entity("customer").table
+        stored = connection.execute(
+            sa.select(sa.func.count()).select_from(table).where(table.c.name.like("f%"))
+        ).scalar_one()
+    assert stored == 0

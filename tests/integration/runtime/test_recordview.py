@@ -221,10 +221,11 @@ def test_bulk_create_whose_audit_fails_stores_nothing(tenant, monkeypatch):
 
     before = _counts(tenant)
 
-    def broken(connection, entries):
+    def broken(connection, prepared):
         raise sa.exc.OperationalError("INSERT INTO _audit", {}, Exception("disk full"))
 
-    monkeypatch.setattr(audittrail, "append_many", broken)
+    # The writer of every append of several entries (append_many goes through it too).
+    monkeypatch.setattr(audittrail, "append_prepared", broken)
     with pytest.raises(sa.exc.OperationalError):
         _bulk(tenant, [{"name": "X1"}, {"name": "X2"}])
     assert _counts(tenant) == before
