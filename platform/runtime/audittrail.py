@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import json
 import re
@@ -35,6 +36,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
 from uuid6 import uuid7
 
+from metacrm.runtime.pipeline import Pipeline
 from metacrm.runtime.store import audit, audit_head
 
 #: ``prev_hash`` of the first entry.
@@ -166,8 +168,14 @@ def _timestamp(at: dt.datetime) -> str:
     return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
-    """Return the SHA-256 (hex) of an entry's hashed fields and the previous hash."""
+def _hashed_text(entry: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """Return the canonical JSON of an entry before and after its ``prev_hash``, as UTF-8.
+
+    The hash covers ``before + prev_hash + after``: the previous hash is the only
+    part that PostgreSQL fills in when it appends an entry in one statement
+    (:func:`append`). Keys are sorted, and ``prev_hash`` sorts after every hashed
+    field but ``record_id``.
+    """
     document = {
         "id": str(entry["id"]),
         "at": _timestamp(entry["at"]),
@@ -175,14 +183,23 @@ def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
         "actor_name": entry["actor_name"],
         "action": entry["action"],
         "entity": entry["entity"],
-        "record_id": None if entry["record_id"] is None else str(entry["record_id"]),
         "changes": _canonical(entry["changes"]),
         "detail": _canonical(entry["detail"]),
         "ip": entry["ip"],
-        "prev_hash": prev_hash,
     }
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    record_id = None if entry["record_id"] is None else str(entry["record_id"])
+    before = text[:-1] + ',"prev_hash":"'
+    after = '","record_id":' + json.dumps(record_id) + "}"
+    return before.encode("utf-8"), after.encode("utf-8")
+
+
+def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
+    """Return the SHA-256 (hex) of an entry's hashed fields and the previous hash."""
+    before, after = _hashed_text(entry)
+    # As a JSON string's inside: a stored prev_hash that was tampered with may hold anything.
+    link = json.dumps(prev_hash, ensure_ascii=False)[1:-1].encode("utf-8")
+    return hashlib.sha256(before + link + after).hexdigest()
 
 
 def _json(value: Any, name: str) -> Any:
@@ -300,6 +317,7 @@ def append(
     detail: Mapping[str, Any] | None = None,
     ip: str | None = None,
     at: dt.datetime | None = None,
+    pipeline: Pipeline | None = None,
 ) -> dict[str, Any]:
     """Append one entry to the tenant's audit trail, in the caller's transaction.
 
@@ -310,20 +328,90 @@ def append(
     other JSON worth keeping (a version, a comment, a token name); ``at``
     defaults to now. Call it as late in the transaction as possible: from
     here until commit, other appends in the tenant wait. Returns the stored
-    entry, ``seq``, ``prev_hash`` and ``hash`` included.
+    entry, ``seq``, ``prev_hash`` and ``hash`` included; with a ``pipeline``
+    (of ``connection``) those three are filled in when the pipeline ends.
+
+    On PostgreSQL the append is one statement: it locks the head, moves it and
+    inserts the entry, the hash computed by the server over the canonical text
+    this process made (:func:`_hashed_text`) and the head's hash.
     """
-    fields = {
-        "action": action,
-        "actor_id": actor_id,
-        "actor_name": actor_name,
-        "entity": entity,
-        "record_id": record_id,
-        "changes": changes,
-        "detail": detail,
-        "ip": ip,
-        "at": at,
-    }
-    return append_many(connection, [fields])[0]
+    entry = _prepare(
+        action=action,
+        actor_id=actor_id,
+        actor_name=actor_name,
+        entity=entity,
+        record_id=record_id,
+        changes=changes,
+        detail=detail,
+        ip=ip,
+        at=at,
+    )
+    if connection.dialect.name != "postgresql":
+        _append_prepared(connection, [entry])
+        return entry
+    before, after = _hashed_text(entry)
+    values = {f"entry_{name}": value for name, value in entry.items()}
+    values.update(hash_before=before, hash_after=after)
+    if pipeline is None:
+        found = connection.execute(_append_one(), values).first()
+        _appended(connection, entry, found)
+        return entry
+    pending = pipeline.execute(_append_one(), values)
+    pipeline.then(lambda: _appended(connection, entry, pending.first()))
+    return entry
+
+
+def _appended(connection: Connection, entry: dict[str, Any], found: Any) -> None:
+    """Complete an entry appended in one statement; without a head row, append it again."""
+    if found is None:
+        # A namespace made before the head row: the statement inserted nothing.
+        _append_prepared(connection, [entry])
+        return
+    entry["seq"], entry["prev_hash"], entry["hash"] = found[0], found[1], found[2]
+
+
+@functools.cache
+def _append_one() -> sa.Insert:
+    """``INSERT INTO _audit`` of one entry that locks and moves the head in the same statement.
+
+    ``head`` locks the head row (``FOR UPDATE``: a writer that waited gets the row
+    its predecessor committed); ``moved`` stores the next seq and the new hash,
+    ``sha256(before || head.hash || after)``, computed from the locked values and
+    returns them with the old hash; the INSERT writes the entry from them. Built
+    once: every value is a bound parameter, so it is compiled once per process.
+    """
+    head = (
+        sa.select(audit_head.c.id, audit_head.c.seq, audit_head.c.hash)
+        .where(audit_head.c.id == _HEAD_ID)
+        .with_for_update()
+        .cte("head")
+    )
+    text = sa.LargeBinary()
+    linked = (
+        sa.bindparam("hash_before", type_=text)
+        .op("||", return_type=text)(sa.func.convert_to(head.c.hash, "UTF8"))
+        .op("||", return_type=text)(sa.bindparam("hash_after", type_=text))
+    )
+    moved = (
+        audit_head.update()
+        .where(audit_head.c.id == head.c.id)
+        .values(seq=head.c.seq + 1, hash=sa.func.encode(sa.func.sha256(linked), "hex"))
+        .returning(audit_head.c.seq, audit_head.c.hash, head.c.hash.label("prev_hash"))
+        .cte("moved")
+    )
+    names = [c.name for c in audit.c if c.name not in ("seq", "prev_hash", "hash")]
+    rows = sa.select(
+        moved.c.seq,
+        # Not named as the columns: an INSERT's parameters named so would set them.
+        *(sa.bindparam(f"entry_{name}", type_=audit.c[name].type) for name in names),
+        moved.c.prev_hash,
+        moved.c.hash,
+    )
+    return (
+        audit.insert()
+        .from_select(["seq", *names, "prev_hash", "hash"], rows)
+        .returning(audit.c.seq, audit.c.prev_hash, audit.c.hash)
+    )
 
 
 def append_many(
@@ -335,8 +423,13 @@ def append_many(
     are checked before anything is written.
     """
     prepared = [_prepare(**entry) for entry in entries]
-    if not prepared:
-        return []
+    if prepared:
+        _append_prepared(connection, prepared)
+    return prepared
+
+
+def _append_prepared(connection: Connection, prepared: list[dict[str, Any]]) -> None:
+    """Lock the head, link the entries in Python and write them (seq and hashes filled in)."""
     seq, prev_hash = _advance_head(connection, len(prepared))
     for entry in prepared:
         entry["seq"] = seq
@@ -351,7 +444,6 @@ def append_many(
     # every call, which costs more than the trip.
     connection.execute(audit.insert(), prepared)
     connection.execute(set_head)
-    return prepared
 
 
 # --- verification -------------------------------------------------------------------------

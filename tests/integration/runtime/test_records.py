@@ -194,8 +194,8 @@ def test_audit_or_outbox_failure_stores_nothing(tenant, monkeypatch):
     before = counts(tenant)
     original = records._write_logs
 
-    def broken(c, logs):
-        original(c, logs)
+    def broken(c, logs, *rest):
+        original(c, logs, *rest)
         raise sa.exc.OperationalError("INSERT INTO _outbox", {}, Exception("disk full"))
 
     monkeypatch.setattr(records, "_write_logs", broken)
