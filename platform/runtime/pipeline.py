@@ -42,15 +42,19 @@ _HOOK_LOCK = threading.Lock()
 class Pending:
     """A statement given to a pipeline; its rows are there once the pipeline has ended."""
 
-    __slots__ = ("statement", "cursor", "_rows")
+    __slots__ = ("statement", "dialect", "cursor", "_answer", "_rows", "_typed")
 
-    def __init__(self, statement: sa.Executable) -> None:
+    def __init__(self, statement: sa.Executable, dialect: sa.Dialect) -> None:
         self.statement = statement
+        self.dialect = dialect
         self.cursor: Any = None
+        self._answer: Any = None  # the driver's result (its column type ids)
         self._rows: list[Sequence[Any]] | None = None
+        #: The rows as SQLAlchemy returned them (a statement run at once), else None.
+        self._typed: list[sa.Row[Any]] | None = None
 
     def rows(self) -> list[Sequence[Any]]:
-        """Return the statement's rows (none for a write without RETURNING)."""
+        """Return the statement's rows as the driver gave them (none for a plain write)."""
         if self._rows is None:
             raise RuntimeError("the pipeline has not ended yet")
         return self._rows
@@ -59,6 +63,43 @@ class Pending:
         """Return the first row, or None."""
         rows = self.rows()
         return rows[0] if rows else None
+
+    def mappings(self) -> list[Mapping[str, Any]]:
+        """Return the rows of a SELECT by column name, converted by the columns' types.
+
+        What SQLAlchemy's result would give: each column's result processor
+        (time zones, decimals, UUIDs on SQLite) runs on its value.
+        """
+        rows = self.rows()
+        if self._typed is not None:
+            return [row._mapping for row in self._typed]
+        answer = self._answer
+        if answer is None or not rows:
+            return []
+        oids = tuple(answer.ftype(i) for i in range(answer.nfields))
+        names, processors = _processors(self.statement, self.dialect, oids)
+        found = []
+        for row in rows:
+            found.append(
+                {
+                    name: value if process is None or value is None else process(value)
+                    for name, process, value in zip(names, processors, row, strict=True)
+                }
+            )
+        return found
+
+
+def _processors(
+    statement: Any, dialect: sa.Dialect, oids: tuple[int, ...]
+) -> tuple[tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]]:
+    """Return the names and result processors of a SELECT's columns (their driver type ids)."""
+    columns = statement.selected_columns
+    names = tuple(column.key for column in columns)
+    processors = tuple(
+        column.type.dialect_impl(dialect).result_processor(dialect, oid)
+        for column, oid in zip(columns, oids, strict=True)
+    )
+    return names, processors
 
 
 class Pipeline:
@@ -76,10 +117,11 @@ class Pipeline:
         parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> Pending:
         """Queue a statement (run it at once on SQLite) and return its pending answer."""
-        pending = Pending(statement)
+        pending = Pending(statement, self.connection.dialect)
         if not self.queued:
             result = self.connection.execute(statement, parameters)  # type: ignore[arg-type]
-            pending._rows = list(result.all()) if result.returns_rows else []
+            pending._typed = list(result.all()) if result.returns_rows else []
+            pending._rows = pending._typed
             return pending
         self.connection.execute(
             statement,
@@ -103,6 +145,7 @@ class Pipeline:
             answer = cursor.pgresult
             returned = answer is not None and answer.status == _TUPLES_OK
             pending._rows = list(cursor.fetchall()) if returned else []
+            pending._answer = answer
             cursor.close()
         for callback in self._after:
             callback()

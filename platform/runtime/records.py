@@ -1190,6 +1190,16 @@ _ID = "_record_id"
 
 
 @functools.lru_cache(maxsize=1024)
+def _lock_statement(entity: EntityModel, postgresql: bool) -> sa.Select[Any]:
+    """Return the SELECT (FOR UPDATE on PostgreSQL) of one live record by id, as ``_current``."""
+    table = entity.table
+    query = sa.select(table).where(
+        table.c.id == sa.bindparam(_ID, type_=table.c.id.type), table.c.deleted_at.is_(None)
+    )
+    return query.with_for_update() if postgresql else query
+
+
+@functools.lru_cache(maxsize=1024)
 def _update_statement(entity: EntityModel) -> sa.Update:
     """Return the UPDATE of one record by id; the columns set are the parameters given."""
     table = entity.table
@@ -1339,7 +1349,17 @@ def update(
     errors.extend(_check_unique(c, [("", values, record_id)]))
     if errors:
         raise _refused(c, errors)
-    row = _current(c, record_id, scope=scope)
+    locking = _lock_statement(entity, connection.dialect.name == "postgresql")
+    if scope is not None:
+        locking = locking.where(scope)
+    # A statement of its own that waits for its answer; in a pipeline it takes the
+    # transaction's BEGIN along instead of waiting for that first.
+    with pipelined(connection) as pipe:
+        locked = pipe.execute(locking, {_ID: record_id})
+    found = locked.mappings()
+    if not found:
+        raise RecordNotFound(f"no live {entity.name} record with id {record_id}")
+    row = found[0]
     if expected_version is not None and row["version"] != expected_version:
         raise VersionMismatch(row["version"])
     changes = _diff(c, "", values, row)
