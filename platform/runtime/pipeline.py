@@ -21,6 +21,7 @@ runs each statement at once.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -77,7 +78,8 @@ class Pending:
         if answer is None or not rows:
             return []
         oids = tuple(answer.ftype(i) for i in range(answer.nfields))
-        names, processors = _processors(self.statement, self.dialect, oids)
+        columns = tuple(self.statement.selected_columns)  # type: ignore[attr-defined]
+        names, processors = _processors(columns, self.dialect, oids)
         found = []
         for row in rows:
             found.append(
@@ -89,11 +91,15 @@ class Pending:
         return found
 
 
+@functools.lru_cache(maxsize=256)
 def _processors(
-    statement: Any, dialect: sa.Dialect, oids: tuple[int, ...]
+    columns: tuple[Any, ...], dialect: sa.Dialect, oids: tuple[int, ...]
 ) -> tuple[tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]]:
-    """Return the names and result processors of a SELECT's columns (their driver type ids)."""
-    columns = statement.selected_columns
+    """Return the names and result processors of selected columns (their driver type ids).
+
+    Kept per column objects (a table's, for a row read): the key holds them, so
+    an entry never stands for other columns that reuse an address.
+    """
     names = tuple(column.key for column in columns)
     processors = tuple(
         column.type.dialect_impl(dialect).result_processor(dialect, oid)

@@ -1162,14 +1162,13 @@ def _written(
     the stored record go in one pipeline; validation rules are checked after,
     in the same transaction, and refuse the whole write.
     """
-    table = c.table
     shown_model, shown = _shown(c)
     dialect = c.connection.dialect
     read, names = _read_statement(shown_model, shown, c.eval_context(), False, dialect)
     try:
         with pipelined(c.connection) as pipe:
             if operation == "create":
-                pipe.execute(table.insert().inline(), row)
+                pipe.execute(_insert_statement(c.entity), row)
             else:
                 pipe.execute(_update_statement(c.entity), {**(row or {}), _ID: record_id})
             _write_relations(c, record_id, values, pipe)
@@ -1197,6 +1196,12 @@ def _lock_statement(entity: EntityModel, postgresql: bool) -> sa.Select[Any]:
         table.c.id == sa.bindparam(_ID, type_=table.c.id.type), table.c.deleted_at.is_(None)
     )
     return query.with_for_update() if postgresql else query
+
+
+@functools.lru_cache(maxsize=1024)
+def _insert_statement(entity: EntityModel) -> sa.Insert:
+    """Return the INSERT of one record; the columns are the parameters given."""
+    return entity.table.insert().inline()
 
 
 @functools.lru_cache(maxsize=1024)
