@@ -89,3 +89,16 @@ def test_actions_follow_the_grammar():
         assert audittrail.ACTION.match(good)
     for bad in ("", "Login", "record.", ".x", "record..x", "a-b", "record.update\n", "记录"):
         assert not audittrail.ACTION.fullmatch(bad)
+
+
+def test_the_text_around_the_link_is_the_canonical_form():
+    """PostgreSQL hashes ``before + prev_hash + after``: the same bytes Python hashes."""
+    before, after = audittrail._hashed_text(ENTRY)
+    link = "ab" * 32
+    expected = entry_hash(ENTRY, link)
+    assert hashlib.sha256(before + link.encode() + after).hexdigest() == expected
+    assert before.endswith(b'"prev_hash":"') and after.startswith(b'","record_id":')
+    loose = {**ENTRY, "record_id": None}
+    before, after = audittrail._hashed_text(loose)
+    assert after == b'","record_id":null}'
+    assert hashlib.sha256(before + link.encode() + after).hexdigest() == entry_hash(loose, link)
