@@ -1188,6 +1188,25 @@ def _written(
 _ID = "_record_id"
 
 
+def _locked_row(
+    c: _Context, record_id: uuid.UUID, scope: sa.ColumnElement[bool] | None
+) -> Mapping[str, Any]:
+    """Read and lock one live record (``_current``), sending the transaction's BEGIN with it.
+
+    A statement of its own that waits for its answer; in a pipeline the BEGIN
+    goes in the same round trip instead of one before it.
+    """
+    locking = _lock_statement(c.entity, c.connection.dialect.name == "postgresql")
+    if scope is not None:
+        locking = locking.where(scope)
+    with pipelined(c.connection) as pipe:
+        locked = pipe.execute(locking, {_ID: record_id})
+    found = locked.mappings()
+    if not found:
+        raise RecordNotFound(f"no live {c.entity.name} record with id {record_id}")
+    return found[0]
+
+
 @functools.lru_cache(maxsize=1024)
 def _lock_statement(entity: EntityModel, postgresql: bool) -> sa.Select[Any]:
     """Return the SELECT (FOR UPDATE on PostgreSQL) of one live record by id, as ``_current``."""
@@ -1354,17 +1373,7 @@ def update(
     errors.extend(_check_unique(c, [("", values, record_id)]))
     if errors:
         raise _refused(c, errors)
-    locking = _lock_statement(entity, connection.dialect.name == "postgresql")
-    if scope is not None:
-        locking = locking.where(scope)
-    # A statement of its own that waits for its answer; in a pipeline it takes the
-    # transaction's BEGIN along instead of waiting for that first.
-    with pipelined(connection) as pipe:
-        locked = pipe.execute(locking, {_ID: record_id})
-    found = locked.mappings()
-    if not found:
-        raise RecordNotFound(f"no live {entity.name} record with id {record_id}")
-    row = found[0]
+    row = _locked_row(c, record_id, scope)
     if expected_version is not None and row["version"] != expected_version:
         raise VersionMismatch(row["version"])
     changes = _diff(c, "", values, row)
