@@ -10,9 +10,11 @@ SQLAlchemy as usual, but the driver only queues them; they are sent together
 and their answers read when the block ends. The first statement of a
 transaction takes psycopg's BEGIN along in the same round trip.
 
-Rows are read from the driver as they come (no result processors: select raw
-columns, as ``recordview`` does), and only after the block: a statement whose
-answer decides what to send next does not belong in a pipeline. An error of
+Rows are read from the driver as they come, and only after the block: a
+statement whose answer decides what to send next does not belong in a
+pipeline. ``Pending.rows`` gives them as the driver does (select raw columns,
+as ``recordview`` does); ``Pending.mappings`` runs the columns' result
+processors, as SQLAlchemy's result would. An error of
 any statement is raised when the block ends, translated by SQLAlchemy as any
 statement's error would be (an IntegrityError stays one, a lost connection is
 invalidated); the statements queued after it are not run. SQLite, in process,
