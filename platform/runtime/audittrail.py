@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import json
 import re
@@ -35,6 +36,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
 from uuid6 import uuid7
 
+from metacrm.runtime.pipeline import Pipeline
 from metacrm.runtime.store import audit, audit_head
 
 #: ``prev_hash`` of the first entry.
@@ -219,13 +221,15 @@ def _timestamp(at: dt.datetime) -> str:
     return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
-    """Return the SHA-256 (hex) of an entry's hashed fields and the previous hash."""
-    return hashlib.sha256(_hashed_text(entry, prev_hash).encode("utf-8")).hexdigest()
+def _hashed_text(entry: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """Return the canonical JSON of an entry before and after its ``prev_hash``, as UTF-8.
 
-
-def _hashed_text(entry: Mapping[str, Any], prev_hash: str) -> str:
-    """Return the canonical JSON text an entry's hash is taken over."""
+    The hash covers ``before + prev_hash + after``: the previous hash is the only
+    part that PostgreSQL fills in when it appends an entry in one statement
+    (:func:`append`), and the only one an import's entries wait for
+    (:class:`_PendingHash`). Keys are sorted, and ``prev_hash`` sorts after every
+    hashed field but ``record_id``.
+    """
     document = {
         "id": str(entry["id"]),
         "at": _timestamp(entry["at"]),
@@ -233,36 +237,44 @@ def _hashed_text(entry: Mapping[str, Any], prev_hash: str) -> str:
         "actor_name": entry["actor_name"],
         "action": entry["action"],
         "entity": entry["entity"],
-        "record_id": None if entry["record_id"] is None else str(entry["record_id"]),
         "changes": _canonical(entry["changes"]),
         "detail": _canonical(entry["detail"]),
         "ip": entry["ip"],
-        "prev_hash": prev_hash,
     }
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    record_id = None if entry["record_id"] is None else str(entry["record_id"])
+    before = text[:-1] + ',"prev_hash":"'
+    after = '","record_id":' + json.dumps(record_id) + "}"
+    return before.encode("utf-8"), after.encode("utf-8")
+
+
+def _link(prev_hash: str) -> bytes:
+    """The previous hash as it stands inside the JSON string (a tampered one may hold anything)."""
+    return json.dumps(prev_hash, ensure_ascii=False)[1:-1].encode("utf-8")
+
+
+def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
+    """Return the SHA-256 (hex) of an entry's hashed fields and the previous hash."""
+    before, after = _hashed_text(entry)
+    return hashlib.sha256(before + _link(prev_hash) + after).hexdigest()
 
 
 class _PendingHash:
     """An entry's hash worked out up to its ``prev_hash``, which only the chain's lock gives.
 
-    In the canonical text (keys sorted) only ``record_id`` follows ``prev_hash``, so
-    everything before it, ``changes`` included, is hashed before the lock is taken:
-    an import does that while the server is still busy with the batch's rows.
+    Everything before the link, ``changes`` included, is hashed before the lock
+    is taken: an import does that while the server is still busy with the
+    batch's rows.
     """
 
-    _MARK = '"prev_hash":"' + GENESIS + '"'
-
     def __init__(self, entry: Mapping[str, Any]) -> None:
-        text = _hashed_text(entry, GENESIS)
-        # The last occurrence: record_id, the only key after it, is a UUID or null.
-        cut = text.rindex(self._MARK) + len('"prev_hash":"')
-        self.state = hashlib.sha256(text[:cut].encode("utf-8"))
-        self.tail = text[cut + len(GENESIS) :]
+        before, self.tail = _hashed_text(entry)
+        self.state = hashlib.sha256(before)
 
     def hexdigest(self, prev_hash: str) -> str:
         """Return the entry's hash once its predecessor's is known (= ``entry_hash``)."""
         state = self.state.copy()
-        state.update((prev_hash + self.tail).encode("utf-8"))
+        state.update(_link(prev_hash) + self.tail)
         return state.hexdigest()
 
 
@@ -431,6 +443,7 @@ def append(
     detail: Mapping[str, Any] | None = None,
     ip: str | None = None,
     at: dt.datetime | None = None,
+    pipeline: Pipeline | None = None,
 ) -> dict[str, Any]:
     """Append one entry to the tenant's audit trail, in the caller's transaction.
 
@@ -441,20 +454,94 @@ def append(
     other JSON worth keeping (a version, a comment, a token name); ``at``
     defaults to now. Call it as late in the transaction as possible: from
     here until commit, other appends in the tenant wait. Returns the stored
-    entry, ``seq``, ``prev_hash`` and ``hash`` included.
+    entry, ``seq``, ``prev_hash`` and ``hash`` included; with a ``pipeline``
+    (of ``connection``) those three are filled in when the pipeline ends.
+
+    On PostgreSQL the append is one statement: it locks the head, moves it and
+    inserts the entry, the hash computed by the server over the canonical text
+    this process made (:func:`_hashed_text`) and the head's hash.
     """
-    fields = {
-        "action": action,
-        "actor_id": actor_id,
-        "actor_name": actor_name,
-        "entity": entity,
-        "record_id": record_id,
-        "changes": changes,
-        "detail": detail,
-        "ip": ip,
-        "at": at,
-    }
-    return append_many(connection, [fields])[0]
+    entry = _prepare(
+        action=action,
+        actor_id=actor_id,
+        actor_name=actor_name,
+        entity=entity,
+        record_id=record_id,
+        changes=changes,
+        detail=detail,
+        ip=ip,
+        at=at,
+    )
+    if connection.dialect.name != "postgresql":
+        return append_prepared(connection, Prepared([entry], [_PendingHash(entry)]))[0]
+    before, after = _hashed_text(entry)
+    values = {f"entry_{name}": entry[name] for name in _ONE_ENTRY_COLUMNS}
+    values.update(hash_before=before, hash_after=after)
+    if pipeline is None:
+        found = connection.execute(_append_one(), values).first()
+        _appended(connection, entry, found)
+        return entry
+    pending = pipeline.execute(_append_one(), values)
+    pipeline.then(lambda: _appended(connection, entry, pending.first()))
+    return entry
+
+
+def _appended(connection: Connection, entry: dict[str, Any], found: Any) -> None:
+    """Complete an entry appended in one statement; without a head row, append it again."""
+    if found is None:
+        # A namespace made before the head row: the statement inserted nothing.
+        append_prepared(connection, Prepared([entry], [_PendingHash(entry)]))
+        return
+    entry["seq"], entry["prev_hash"], entry["hash"] = found[0], found[1], found[2]
+    _forget_texts(entry)
+
+
+#: The columns :func:`_append_one` binds (the rest come from the locked head).
+_ONE_ENTRY_COLUMNS = tuple(c.name for c in audit.c if c.name not in ("seq", "prev_hash", "hash"))
+
+
+@functools.cache
+def _append_one() -> sa.Insert:
+    """``INSERT INTO _audit`` of one entry that locks and moves the head in the same statement.
+
+    ``head`` locks the head row (``FOR UPDATE``: a writer that waited gets the row
+    its predecessor committed); ``moved`` stores the next seq and the new hash,
+    ``sha256(before || head.hash || after)``, computed from the locked values and
+    returns them with the old hash; the INSERT writes the entry from them. Built
+    once: every value is a bound parameter, so it is compiled once per process.
+    """
+    head = (
+        sa.select(audit_head.c.id, audit_head.c.seq, audit_head.c.hash)
+        .where(audit_head.c.id == _HEAD_ID)
+        .with_for_update()
+        .cte("head")
+    )
+    text = sa.LargeBinary()
+    linked = (
+        sa.bindparam("hash_before", type_=text)
+        .op("||", return_type=text)(sa.func.convert_to(head.c.hash, "UTF8"))
+        .op("||", return_type=text)(sa.bindparam("hash_after", type_=text))
+    )
+    moved = (
+        audit_head.update()
+        .where(audit_head.c.id == head.c.id)
+        .values(seq=head.c.seq + 1, hash=sa.func.encode(sa.func.sha256(linked), "hex"))
+        .returning(audit_head.c.seq, audit_head.c.hash, head.c.hash.label("prev_hash"))
+        .cte("moved")
+    )
+    names = list(_ONE_ENTRY_COLUMNS)
+    rows = sa.select(
+        moved.c.seq,
+        # Not named as the columns: an INSERT's parameters named so would set them.
+        *(sa.bindparam(f"entry_{name}", type_=audit.c[name].type) for name in names),
+        moved.c.prev_hash,
+        moved.c.hash,
+    )
+    return (
+        audit.insert()
+        .from_select(["seq", *names, "prev_hash", "hash"], rows)
+        .returning(audit.c.seq, audit.c.prev_hash, audit.c.hash)
+    )
 
 
 def append_many(
@@ -487,7 +574,11 @@ def prepare(entries: Iterable[Mapping[str, Any]]) -> Prepared:
 
 
 def append_prepared(connection: Connection, prepared: Prepared) -> list[dict[str, Any]]:
-    """Append entries made by :func:`prepare` in order, taking the lock once."""
+    """Append entries made by :func:`prepare` in order, taking the lock once.
+
+    The head is locked, the entries linked in Python and written (``seq``,
+    ``prev_hash`` and ``hash`` filled in): two statements however many entries.
+    """
     if not prepared.entries:
         return []
     seq, prev_hash = _advance_head(connection, len(prepared.entries))
@@ -509,8 +600,13 @@ def append_prepared(connection: Connection, prepared: Prepared) -> list[dict[str
     connection.execute(_INSERT, rows)
     connection.execute(set_head)
     for entry in entries:
-        del entry["changes_json"], entry["detail_json"]
+        _forget_texts(entry)
     return entries
+
+
+def _forget_texts(entry: dict[str, Any]) -> None:
+    """Drop the JSON texts :func:`_prepare` made for writing: the stored entry has none."""
+    del entry["changes_json"], entry["detail_json"]
 
 
 # --- verification -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import difflib
+import functools
 import json
 import threading
 import time
@@ -58,6 +59,7 @@ from metacrm.runtime import cursor as cursors
 from metacrm.runtime import direct, search
 from metacrm.runtime.contextfree import ContextFreeCache
 from metacrm.runtime.model import EntityModel, TenantModel, parsed
+from metacrm.runtime.pipeline import pipelined
 from metacrm.runtime.recordview import (
     SYSTEM_FIELDS,
     attach_relations,
@@ -211,30 +213,99 @@ def count_records(
     where = _Where.build(connection, model, entity, filter, q, deleted, ctx, scope)
     table = entity.table
     if exact:
-        query = sa.select(sa.func.count()).select_from(table).where(*where.conditions)
+        query = sa.select(_COUNT).select_from(table).where(*where.conditions)
         with _deadline(connection, timeout_ms):
             return int(_execute(connection, query, where.node).scalar_one()), True
+    counted, explain = _count_statements(table, threshold, tuple(where.conditions))
+    if connection.dialect.name != "postgresql":
+        found = int(_execute(connection, counted, where.node).scalar_one())
+        return (found, True) if found <= threshold else (threshold + 1, False)
+    hint = (entity, where.digest, threshold)
+    if not _CAPPED.get(hint):
+        found = int(_execute(connection, counted, where.node).scalar_one())
+        if found <= threshold:
+            return found, True
+        _CAPPED.put(hint)
+        return _estimate(connection.execute(explain).scalar_one(), threshold), False
+    # This count reached the cap last time: ask for the estimate in the same round trip.
+    try:
+        with pipelined(connection) as pipe:
+            count = pipe.execute(counted)
+            explained = pipe.execute(explain)
+    except DBAPIError as exc:
+        refused = _query_error(connection, exc, where.node)
+        if refused is None:
+            raise
+        raise refused from None
+    found = int(count.rows()[0][0])
+    if found <= threshold:
+        _CAPPED.drop(hint)
+        return found, True
+    return _estimate(explained.rows()[0][0], threshold), False
+
+
+#: ``count(*)`` and the ``1`` a capped count selects, built once.
+_COUNT = sa.func.count()
+_ONE = sa.literal_column("1")
+
+
+@functools.lru_cache(maxsize=256)
+def _count_statements(
+    table: sa.Table, threshold: int, conditions: tuple[ColumnElement[bool], ...]
+) -> tuple[sa.Select[Any], _Explain]:
+    """Return the capped count and the EXPLAIN behind its estimate, for a WHERE clause.
+
+    Kept per condition objects: a filter's condition is built once per published
+    version (and so are the recycle bin's), so a repeated count reuses both
+    statements and SQLAlchemy their cache keys, which it otherwise computes on
+    every call by walking the statement. Conditions built per request (a search,
+    a row scope) make new entries that the least recent ones give way to.
+    """
     capped = (
-        sa.select(sa.literal_column("1"))
+        sa.select(_ONE)
         .select_from(table)
-        .where(*where.conditions)
+        .where(*conditions)
         .suffix_with(f"LIMIT {threshold + 1}")
         .subquery("capped")
     )
-    counted = sa.select(sa.func.count()).select_from(capped)
-    found = int(_execute(connection, counted, where.node).scalar_one())
-    if found <= threshold:
-        return found, True
-    if connection.dialect.name != "postgresql":
-        return threshold + 1, False
-    plain: sa.Select[Any] = (
-        sa.select(sa.literal_column("1")).select_from(table).where(*where.conditions)
-    )
-    plan = connection.execute(_Explain(plain)).scalar_one()
+    plain: sa.Select[Any] = sa.select(_ONE).select_from(table).where(*conditions)
+    return sa.select(_COUNT).select_from(capped), _Explain(plain)
+
+
+def _estimate(plan: Any, threshold: int) -> int:
+    """Return the row estimate of an ``EXPLAIN (FORMAT JSON)`` answer, at least past the cap."""
     if isinstance(plan, str | bytes):
         plan = json.loads(plan)
-    estimate = int(plan[0]["Plan"]["Plan Rows"])
-    return max(estimate, threshold + 1), False
+    return max(int(plan[0]["Plan"]["Plan Rows"]), threshold + 1)
+
+
+class _Hints:
+    """Counts that reached their cap lately, per entity model: a bounded set of keys."""
+
+    SIZE = 512
+
+    def __init__(self) -> None:
+        self._keys: dict[Any, None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> bool:
+        return key in self._keys
+
+    def put(self, key: Any) -> None:
+        with self._lock:
+            self._keys[key] = None
+            while len(self._keys) > self.SIZE:
+                del self._keys[next(iter(self._keys))]
+
+    def drop(self, key: Any) -> None:
+        with self._lock:
+            self._keys.pop(key, None)
+
+
+#: Which counts to send with their estimate: past the cap, a count needs PostgreSQL's plan
+#: estimate too, and asking for both at once saves a round trip; below it, the EXPLAIN
+#: would only cost the server's planning. Keyed by entity model, filter digest and cap.
+_CAPPED = _Hints()
 
 
 def related_records(
@@ -876,8 +947,10 @@ def _execute(
     try:
         return connection.execute(statement)
     except DBAPIError as exc:
-        _too_complex(connection, exc, node)
-        raise
+        refused = _query_error(connection, exc, node)
+        if refused is None:
+            raise
+        raise refused from None
 
 
 def _direct_rows(
@@ -887,28 +960,31 @@ def _direct_rows(
     try:
         return direct.rows(connection, prepared)
     except DBAPIError as exc:
-        _too_complex(connection, exc, node)
-        raise
+        refused = _query_error(connection, exc, node)
+        if refused is None:
+            raise
+        raise refused from None
 
 
-def _too_complex(connection: Connection, exc: DBAPIError, node: Node | None) -> None:
-    """Raise QueryError when the database refused a filter for being nested too deeply."""
+def _query_error(connection: Connection, exc: DBAPIError, node: Node | None) -> QueryError | None:
+    """Return the QueryError for a filter too deeply nested for the database, else None."""
     message = str(exc.orig).lower()
     too_complex = (
         any(s in message for s in _SQLITE_TOO_COMPLEX)
         if connection.dialect.name == "sqlite"
         else _PG_TOO_COMPLEX in message
     )
-    if node is not None and too_complex:
-        line, column = _deepest(node)
-        raise QueryError(
-            "invalid_filter",
-            "the filter is nested too deeply for the database: use fewer nested "
-            "functions or parentheses",
-            "/filter",
-            line,
-            column,
-        ) from None
+    if node is None or not too_complex:
+        return None
+    line, column = _deepest(node)
+    return QueryError(
+        "invalid_filter",
+        "the filter is nested too deeply for the database: use fewer nested "
+        "functions or parentheses",
+        "/filter",
+        line,
+        column,
+    )
 
 
 def _deepest(root: Node) -> tuple[int, int]:

@@ -35,6 +35,7 @@ from metacrm.runtime.authz import Access, Forbidden, OwnerRefused
 from metacrm.runtime.contextfree import ContextFreeCache
 from metacrm.runtime.crypto import FieldCipher
 from metacrm.runtime.model import EntityModel, TenantModel, parsed
+from metacrm.runtime.pipeline import Pipeline, pipelined
 from metacrm.runtime.recordschema import load_column, load_payload, payload_plan
 from metacrm.runtime.recordview import (
     SYSTEM_FIELDS,
@@ -777,14 +778,17 @@ def _columns_of(c: _Context, values: Mapping[str, Any]) -> dict[str, Any]:
     return columns
 
 
-def _write_relations(c: _Context, record_id: uuid.UUID, values: Mapping[str, Any]) -> None:
+def _write_relations(
+    c: _Context, record_id: uuid.UUID, values: Mapping[str, Any], pipe: Pipeline | None = None
+) -> None:
+    run = c.connection.execute if pipe is None else pipe.execute
     for name, link in c.entity.links.items():
         if name not in values:
             continue
-        c.connection.execute(link.delete().where(link.c.source_id == record_id))
+        run(link.delete().where(link.c.source_id == record_id))
         targets = values[name] or []
         if targets:
-            c.connection.execute(
+            run(
                 link.insert(),
                 [{"source_id": record_id, "target_id": t, "created_at": c.now} for t in targets],
             )
@@ -831,26 +835,35 @@ def _logged(
 def _write_logs(
     c: _Context,
     logs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
+    *,
     prepared: audittrail.Prepared | None = None,
+    pipe: Pipeline | None = None,
 ) -> None:
     """Write outbox rows, then audit entries: one statement each however many there are.
 
     ``prepared`` is the entries of ``logs`` already through :func:`audittrail.prepare`.
-
     The audit append locks the tenant's chain until commit; taking it only
     after every row lock of the write means a bulk write and a single write of
     one of its records cannot wait on each other in a circle (a deadlock on
-    PostgreSQL), and other writers wait for less time.
+    PostgreSQL), and other writers wait for less time. One record's event and
+    entry can go in the ``pipe`` of its write (sent with its row).
     """
     if len(logs) == 1 and prepared is None:
         ((event, entry),) = logs
-        c.connection.execute(outbox.insert().values(**event))
-        audittrail.append(c.connection, **entry)
+        if pipe is None:
+            c.connection.execute(_OUTBOX_INSERT, event)
+        else:
+            pipe.execute(_OUTBOX_INSERT, event)
+        audittrail.append(c.connection, **entry, pipeline=pipe)
     elif logs:
         c.connection.execute(outbox.insert(), [event for event, _ in logs])
         if prepared is None:
             prepared = audittrail.prepare([entry for _, entry in logs])
         audittrail.append_prepared(c.connection, prepared)
+
+
+#: One outbox row; ``inline``: nothing reads its generated id back (no RETURNING).
+_OUTBOX_INSERT = outbox.insert().inline()
 
 
 def _record_log(
@@ -1183,7 +1196,7 @@ def _create_columns(
     errors = _check_rules(c, [(f"/{index}", record_id) for index, record_id in enumerate(ids)])
     if errors:
         raise _refused(c, errors)
-    _write_logs(c, logs, prepared)
+    _write_logs(c, logs, prepared=prepared)
     if not returning:
         return [{"id": key} for key in keys]
     shown_model, shown = _shown(c)
@@ -1382,6 +1395,7 @@ def _binary_copy_type(column: sa.Column[Any], dialect: Dialect) -> str | None:
     return name if name in _BINARY_COPY else None
 
 
+@_in_savepoint
 def create(
     connection: Connection,
     model: TenantModel,
@@ -1390,8 +1404,116 @@ def create(
     caller: Caller,
     cipher: FieldCipher,
 ) -> dict[str, Any]:
-    """Create one record and return it as stored."""
-    return create_many(connection, model, entity, [data], caller, cipher)[0]
+    """Create one record and return it as stored.
+
+    What :func:`create_many` does for one item, with the row, its relations, its
+    outbox event, its audit entry and the read of the stored record sent
+    together (one round trip on PostgreSQL, :mod:`metacrm.runtime.pipeline`).
+    """
+    c = _context(connection, model, entity, caller, cipher)
+    values, errors = _validate(c, data, creating=True)
+    errors.extend(_check_references(c, [("", values)]))
+    errors.extend(_check_unique(c, [("", values, None)]))
+    if errors:
+        raise _refused(c, errors)
+    record_id = uuid7()
+    owner, team = c.owners.get("", (caller.user_id, caller.team_id))
+    row = {"id": record_id, "owner_id": owner, "team_id": team, **_columns_of(c, values)}
+    row.update(zip(_STAMPS, (c.now, caller.user_id, c.now, caller.user_id, 1), strict=True))
+    audited = _audited_fields(entity)
+    created_with = dict(values)
+    for name in audited.keys() & values.keys():
+        created_with[name] = _audit_value(audited[name], values[name])
+    for f in entity.entity.active_fields():
+        if f.type == "auto_number":
+            row[f.name] = created_with[f.name] = _next_numbers(c, f, 1)[0]
+    if owner != caller.user_id:
+        created_with["owner_id"] = json_value(owner)
+    changes = {name: [None, value] for name, value in created_with.items()}
+    return _written(c, record_id, row, values, "create", changes, 1)
+
+
+def _written(
+    c: _Context,
+    record_id: uuid.UUID,
+    row: Mapping[str, Any] | None,
+    values: Mapping[str, Any],
+    operation: str,
+    changes: dict[str, Any],
+    version: int,
+) -> dict[str, Any]:
+    """Write one record's change (a new ``row`` or changed columns), log it and read it back.
+
+    The row, its relations, the outbox event, the audit entry and the read of
+    the stored record go in one pipeline; validation rules are checked after,
+    in the same transaction, and refuse the whole write.
+    """
+    shown_model, shown = _shown(c)
+    dialect = c.connection.dialect
+    (read, names), _ = _read_statement(shown_model, shown, c.eval_context(), False, dialect)
+    try:
+        with pipelined(c.connection) as pipe:
+            if operation == "create":
+                pipe.execute(_insert_statement(c.entity), row)
+            else:
+                pipe.execute(_update_statement(c.entity), {**(row or {}), _ID: record_id})
+            _write_relations(c, record_id, values, pipe)
+            _write_logs(c, [_record_log(c, operation, record_id, changes, version)], pipe=pipe)
+            fetched = pipe.execute(read, {"read_record_id": record_id})
+    except sa.exc.IntegrityError as exc:
+        raise _refused(c, _integrity(c, exc).errors) from None
+    errors = _check_rules(c, [("", record_id)])
+    if errors:
+        raise _refused(c, errors)
+    record = rows_to_json(shown, names, fetched.rows(), dialect)[0]
+    attach_relations(c.connection, shown, [record])
+    return record
+
+
+#: The bound id of :func:`_update_statement` (fields never start with an underscore).
+_ID = "_record_id"
+
+
+def _locked_row(
+    c: _Context, record_id: uuid.UUID, scope: sa.ColumnElement[bool] | None
+) -> Mapping[str, Any]:
+    """Read and lock one live record (``_current``), sending the transaction's BEGIN with it.
+
+    A statement of its own that waits for its answer; in a pipeline the BEGIN
+    goes in the same round trip instead of one before it.
+    """
+    locking = _lock_statement(c.entity, c.connection.dialect.name == "postgresql")
+    if scope is not None:
+        locking = locking.where(scope)
+    with pipelined(c.connection) as pipe:
+        locked = pipe.execute(locking, {_ID: record_id})
+    found = locked.mappings()
+    if not found:
+        raise RecordNotFound(f"no live {c.entity.name} record with id {record_id}")
+    return found[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _lock_statement(entity: EntityModel, postgresql: bool) -> sa.Select[Any]:
+    """Return the SELECT (FOR UPDATE on PostgreSQL) of one live record by id, as ``_current``."""
+    table = entity.table
+    query = sa.select(table).where(
+        table.c.id == sa.bindparam(_ID, type_=table.c.id.type), table.c.deleted_at.is_(None)
+    )
+    return query.with_for_update() if postgresql else query
+
+
+@functools.lru_cache(maxsize=1024)
+def _insert_statement(entity: EntityModel) -> sa.Insert:
+    """Return the INSERT of one record; the columns are the parameters given."""
+    return entity.table.insert().inline()
+
+
+@functools.lru_cache(maxsize=1024)
+def _update_statement(entity: EntityModel) -> sa.Update:
+    """Return the UPDATE of one record by id; the columns set are the parameters given."""
+    table = entity.table
+    return table.update().where(table.c.id == sa.bindparam(_ID, type_=table.c.id.type))
 
 
 def _current(
@@ -1456,28 +1578,12 @@ def update_many(
         row = _current(c, record_id, scope=scope)
         if expected is not None and row["version"] != expected:
             raise VersionMismatch(row["version"])
-        changes = {}
-        for name, value in values.items():
-            f = entity.entity.fields[name]
-            old = _old_value(c, f, row)
-            compare_old = MASK if f.type == "encrypted_text" else old
-            compare_new = MASK if f.type == "encrypted_text" else value
-            if f.type == "many_to_many":
-                compare_new = sorted(value or [], key=str)
-            if compare_old != compare_new or f.type == "encrypted_text":
-                changes[name] = [_audit_value(f, old), _audit_value(f, value)]
-        owner = c.owners.get(pointer)
-        if owner is not None and owner[0] != row["owner_id"]:
-            changes["owner_id"] = [json_value(row["owner_id"]), json_value(owner[0])]
+        changes = _diff(c, pointer, values, row)
         if not changes:
             done.append((pointer, record_id))
             continue
         version = row["version"] + 1
-        columns = _columns_of(c, {k: v for k, v in values.items() if k in changes})
-        if "owner_id" in changes and owner is not None:
-            # The record follows its new owner into the owner's team.
-            columns.update(owner_id=owner[0], team_id=owner[1])
-        columns.update(updated_at=c.now, updated_by=caller.user_id, version=version)
+        columns = _changed_columns(c, pointer, values, changes, version)
         try:
             connection.execute(
                 entity.table.update().where(entity.table.c.id == record_id).values(columns)
@@ -1495,6 +1601,41 @@ def update_many(
     return [_fetch(connection, shown_model, shown, r, c.eval_context()) for _, r in done]
 
 
+def _diff(
+    c: _Context, pointer: str, values: Mapping[str, Any], row: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Return what an update changes in a stored row, as ``{field: [old, new]}`` for the log."""
+    changes = {}
+    fields = c.entity.entity.fields
+    for name, value in values.items():
+        f = fields[name]
+        old = _old_value(c, f, row)
+        compare_old = MASK if f.type == "encrypted_text" else old
+        compare_new = MASK if f.type == "encrypted_text" else value
+        if f.type == "many_to_many":
+            compare_new = sorted(value or [], key=str)
+        if compare_old != compare_new or f.type == "encrypted_text":
+            changes[name] = [_audit_value(f, old), _audit_value(f, value)]
+    owner = c.owners.get(pointer)
+    if owner is not None and owner[0] != row["owner_id"]:
+        changes["owner_id"] = [json_value(row["owner_id"]), json_value(owner[0])]
+    return changes
+
+
+def _changed_columns(
+    c: _Context, pointer: str, values: Mapping[str, Any], changes: Mapping[str, Any], version: int
+) -> dict[str, Any]:
+    """Return the columns an update sets: the changed fields, the owner, the stamps."""
+    columns = _columns_of(c, {k: v for k, v in values.items() if k in changes})
+    owner = c.owners.get(pointer)
+    if "owner_id" in changes and owner is not None:
+        # The record follows its new owner into the owner's team.
+        columns.update(owner_id=owner[0], team_id=owner[1])
+    columns.update(updated_at=c.now, updated_by=c.caller.user_id, version=version)
+    return columns
+
+
+@_in_savepoint
 def update(
     connection: Connection,
     model: TenantModel,
@@ -1506,16 +1647,33 @@ def update(
     expected_version: int | None = None,
     scope: sa.ColumnElement[bool] | None = None,
 ) -> dict[str, Any]:
-    """Apply a partial update to one record and return it as stored."""
-    return update_many(
-        connection,
-        model,
-        entity,
-        [(record_id, data, expected_version)],
-        caller,
-        cipher,
-        scope=scope,
-    )[0]
+    """Apply a partial update to one record and return it as stored.
+
+    What :func:`update_many` does for one item: the row is read and locked
+    first (its version and old values decide what is written), then the change,
+    its log and the read of the stored record go together (:func:`_written`).
+    """
+    c = _context(connection, model, entity, caller, cipher)
+    values, errors = _validate(c, data, creating=False)
+    errors.extend(_check_references(c, [("", values)]))
+    errors.extend(_check_unique(c, [("", values, record_id)]))
+    if errors:
+        raise _refused(c, errors)
+    row = _locked_row(c, record_id, scope)
+    if expected_version is not None and row["version"] != expected_version:
+        raise VersionMismatch(row["version"])
+    changes = _diff(c, "", values, row)
+    if not changes:
+        # Nothing to write; the rules still hold the record as it is.
+        errors = _check_rules(c, [("", record_id)])
+        if errors:
+            raise _refused(c, errors)
+        shown_model, shown = _shown(c)
+        return _fetch(connection, shown_model, shown, record_id, c.eval_context())
+    version = row["version"] + 1
+    columns = _changed_columns(c, "", values, changes, version)
+    changed = {k: v for k, v in values.items() if k in changes}
+    return _written(c, record_id, columns, changed, "update", changes, version)
 
 
 @_in_savepoint

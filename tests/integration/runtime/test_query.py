@@ -993,6 +993,31 @@ def test_count_estimate_explains_each_count_with_its_own_values(world):
     ]
 
 
+def test_a_count_past_its_cap_again_asks_for_its_estimate_in_the_same_trip(world):
+    """The first count past the cap learns it; the next sends count and EXPLAIN together
+    (one round trip on PostgreSQL) with the same answers; one below the cap forgets it."""
+    total = len(world.deals)
+    first = world.count("deal", 'stage != "lost"', threshold=1)
+    with statements(world.store) as seen:
+        again = world.count("deal", 'stage != "lost"', threshold=1)
+    assert again == first and not again[1] and again[0] >= 2
+    if world.store.dialect == "postgresql":
+        assert [s.split()[0] for s in seen] == ["SELECT", "EXPLAIN"]
+    else:
+        assert len(seen) == 1  # SQLite has no estimate: threshold + 1
+        assert again == (2, False)
+    assert world.count("deal", threshold=total) == (total, True)
+    value, exact = world.count("deal", 'stage != "lost"', threshold=1)
+    assert not exact and value >= 2
+    with statements(world.store) as seen:
+        assert world.count("deal", 'stage = "won"', threshold=total) == (
+            sum(r["stage"] == "won" for r in world.deals),
+            True,
+        )
+    assert len(seen) == 1
+    refused(lambda: world.count("deal", "amount >", threshold=1), "invalid_filter", "/filter")
+
+
 def test_count_refuses_bad_filters(world):
     refused(lambda: world.count("deal", "amount >"), "invalid_filter", "/filter")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import threading
 import uuid
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from metacrm.metadata.expression import EvalContext
 from metacrm.runtime import audittrail, metastore, records, tenancy
 from metacrm.runtime.records import Caller, RecordInvalid, RecordNotFound, VersionMismatch
 from metacrm.runtime.store import audit, outbox
@@ -194,8 +196,8 @@ def test_audit_or_outbox_failure_stores_nothing(tenant, monkeypatch):
     before = counts(tenant)
     original = records._write_logs
 
-    def broken(c, logs):
-        original(c, logs)
+    def broken(c, logs, **options):
+        original(c, logs, **options)
         raise sa.exc.OperationalError("INSERT INTO _outbox", {}, Exception("disk full"))
 
     monkeypatch.setattr(records, "_write_logs", broken)
@@ -250,6 +252,107 @@ def test_a_unique_clash_past_the_checks_is_refused_by_the_bulk_write(tenant, mon
         }
     assert info.value.errors == [expected]
     assert counts(tenant) == before
+
+
+def test_a_unique_clash_past_the_checks_is_refused_by_a_single_create(tenant, monkeypatch):
+    """The row goes in one pipeline with its event, entry and read: a constraint's refusal
+    there is the same field error, and nothing of the pipeline is kept."""
+    _make_customer_email_unique(tenant)
+    customer(tenant, email="raced@x.example")
+    before = counts(tenant)
+    monkeypatch.setattr(records, "_check_unique", lambda c, rows: [])
+    with pytest.raises(RecordInvalid) as info:
+        customer(tenant, email="raced@x.example")
+    if tenant[1].dialect == "postgresql":
+        assert info.value.errors == [
+            {"pointer": "/email", "message": "must be unique; another record has this value"}
+        ]
+    assert counts(tenant) == before
+    _, store = tenant
+    from .conftest import rows
+
+    assert rows(store, "customer", "email").count(("raced@x.example",)) == 1
+
+
+def test_a_rule_broken_by_a_single_update_stores_nothing(tenant):
+    platform, _ = tenant
+    deal = create(tenant, "deal", {"name": "A", "customer": customer(tenant)["id"]})
+    before = counts(tenant)
+    with pytest.raises(RecordInvalid) as info:
+        run(
+            tenant,
+            records.update,
+            "deal",
+            uuid.UUID(deal["id"]),
+            {"stage": "won", "amount": 10},
+            CALLER,
+            platform.cipher,
+            expected_version=1,
+        )
+    assert {e["message"] for e in info.value.errors} == {"A won deal needs a close date"}
+    assert counts(tenant) == before
+    _, store = tenant
+    with store.connect() as connection:
+        model = platform.models.current(store, connection)
+        ctx = EvalContext(now=dt.datetime.now(dt.UTC), today=dt.date.today())
+        stored = records.get(connection, model, model.entity("deal"), uuid.UUID(deal["id"]), ctx)
+    assert stored["version"] == 1 and stored["stage"] == deal["stage"]
+
+
+def test_concurrent_single_writes_keep_one_chain(tenant):
+    """Creates and updates from several threads: every write is logged once, the chain
+    never forks, and each update of a record sees the version the last one left."""
+    platform, store = tenant
+    shared = customer(tenant, level="normal")
+    before = counts(tenant)
+    threads, each = 4, 6
+    barrier = threading.Barrier(threads)
+    failures: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(each):
+                mine = customer(tenant, email=f"w{n}-{i}@x.example")
+                run(
+                    tenant,
+                    records.update,
+                    "customer",
+                    uuid.UUID(mine["id"]),
+                    {"level": "vip"},
+                    CALLER,
+                    platform.cipher,
+                    expected_version=1,
+                )
+                # All threads update one record too: without a version each waits its turn.
+                run(
+                    tenant,
+                    records.update,
+                    "customer",
+                    uuid.UUID(shared["id"]),
+                    {"city": f"{n}-{i}"},
+                    CALLER,
+                    platform.cipher,
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not failures, failures
+    writes = threads * each * 3
+    assert counts(tenant) == (before[0] + writes, before[1] + writes)
+    with store.connect() as connection:
+        assert audittrail.verify(connection).ok
+        versions = connection.execute(
+            sa.select(audit.c.detail).where(
+                audit.c.record_id == uuid.UUID(shared["id"]), audit.c.action == "record.update"
+            )
+        ).scalars()
+        assert sorted(d["version"] for d in versions) == list(range(2, threads * each + 2))
 
 
 def test_a_grouped_create_writes_one_audit_entry_and_one_event(tenant):

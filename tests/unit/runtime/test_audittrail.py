@@ -165,3 +165,16 @@ def test_integer_columns_hash_as_decimal_numbers(value):
     assert audittrail._integer_text(value) == (
         format(__import__("decimal").Decimal(value).normalize(), "E") if value else "0"
     )
+
+
+def test_the_text_around_the_link_is_the_canonical_form():
+    """PostgreSQL hashes ``before + prev_hash + after``: the same bytes Python hashes."""
+    before, after = audittrail._hashed_text(ENTRY)
+    link = "ab" * 32
+    expected = entry_hash(ENTRY, link)
+    assert hashlib.sha256(before + link.encode() + after).hexdigest() == expected
+    assert before.endswith(b'"prev_hash":"') and after.startswith(b'","record_id":')
+    loose = {**ENTRY, "record_id": None}
+    before, after = audittrail._hashed_text(loose)
+    assert after == b'","record_id":null}'
+    assert hashlib.sha256(before + link.encode() + after).hexdigest() == entry_hash(loose, link)

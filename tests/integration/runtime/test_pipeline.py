@@ -1,0 +1,84 @@
+"""Statements sent together (psycopg's pipeline mode; SQLite runs them at once)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from metacrm.runtime.pipeline import pipelined
+from metacrm.runtime.store import TenantStore, idempotency, outbox
+
+NOW = dt.datetime(2026, 12, 7, 8, 30, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+
+
+def event(n: int) -> dict[str, object]:
+    return {
+        "created_at": NOW,
+        "event": "record.create",
+        "entity": "customer",
+        "record_id": uuid.UUID(int=n),
+        "actor_id": None,
+        "payload": {"n": n},
+    }
+
+
+def test_pipelined_statements_answer_when_the_block_ends(store: TenantStore):
+    with store.begin() as connection:
+        with pipelined(connection) as pipe:
+            pipe.execute(outbox.insert().inline(), event(1))
+            pipe.execute(outbox.insert().inline(), [event(2), event(3)])
+            found = pipe.execute(
+                sa.select(outbox.c.record_id, outbox.c.payload).order_by(outbox.c.id)
+            )
+            nothing = pipe.execute(outbox.update().values(attempts=0).where(sa.false()))
+            if store.dialect == "postgresql":
+                with pytest.raises(RuntimeError, match="not ended"):
+                    found.rows()
+        assert [tuple(row) for row in found.rows()] == [
+            (uuid.UUID(int=n), {"n": n}) for n in (1, 2, 3)
+        ]
+        assert nothing.rows() == [] and found.first() == found.rows()[0]
+        connection.rollback()
+
+
+def test_pipelined_rows_by_name_are_typed_as_sqlalchemy_types_them(store: TenantStore):
+    query = sa.select(outbox).where(outbox.c.record_id == uuid.UUID(int=7))
+    with store.begin() as connection:
+        connection.execute(outbox.insert(), event(7))
+        with pipelined(connection) as pipe:
+            pending = pipe.execute(query)
+        expected = connection.execute(query).mappings().one()
+        (got,) = pending.mappings()
+        assert dict(got) == dict(expected)
+        assert got["created_at"].tzinfo == dt.UTC and got["created_at"] == NOW
+        with pipelined(connection) as pipe:
+            empty = pipe.execute(query.where(sa.false()))
+        assert empty.mappings() == []
+        connection.rollback()
+
+
+def test_an_error_in_a_pipeline_is_raised_as_sqlalchemy_raises_it(store: TenantStore):
+    key = {
+        "principal_id": uuid.UUID(int=1),
+        "key": "k",
+        "request_hash": "h",
+        "status": 0,
+        "body": "",
+        "headers": {},
+        "created_at": NOW,
+    }
+    later: list[str] = []
+    with pytest.raises(sa.exc.IntegrityError), store.begin() as connection:
+        with pipelined(connection) as pipe:
+            pipe.execute(idempotency.insert(), key)
+            pipe.execute(idempotency.insert(), key)
+            pipe.execute(outbox.insert().inline(), event(9))
+            pipe.then(lambda: later.append("ran"))
+    with store.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(idempotency)).scalar() == 0
+        assert connection.execute(sa.select(sa.func.count()).select_from(outbox)).scalar() == 0
+    # A callback completes answers: after a failure there are none (SQLite stops at once).
+    assert later == []
