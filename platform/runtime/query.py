@@ -641,8 +641,19 @@ def _suggest(name: str, entity: EntityModel, extra: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _after(keys: Sequence[_SortKey], values: Sequence[Any]) -> ColumnElement[bool]:
-    """Return the condition "the row sorts strictly after these key values"."""
+def _after(
+    keys: Sequence[_SortKey],
+    values: Sequence[Any],
+    bound: Sequence[ColumnElement[Any] | None] | None = None,
+) -> ColumnElement[bool]:
+    """Return the condition "the row sorts strictly after these key values".
+
+    ``bound`` gives each non-null value as the SQL to compare with (by default
+    the value bound as a literal; :func:`_after_template` passes named
+    parameters); the values themselves only say which are null.
+    """
+    if bound is None:
+        bound = [None if v is None else k.bind(v) for k, v in zip(keys, values, strict=True)]
     directions = {k.descending for k in keys}
     if len(directions) == 1 and not any(
         k.nullable or v is None for k, v in zip(keys, values, strict=True)
@@ -650,37 +661,68 @@ def _after(keys: Sequence[_SortKey], values: Sequence[Any]) -> ColumnElement[boo
         # One direction and no NULLs: a row-value comparison, as a person writes it,
         # which both databases match to an index on the leading key.
         left = sa.tuple_(*(k.ordered for k in keys))
-        right = sa.tuple_(*(k.bind(v) for k, v in zip(keys, values, strict=True)))
+        right = sa.tuple_(*bound)
         return left < right if keys[0].descending else left > right
     branches: list[ColumnElement[bool]] = []
     equal: list[ColumnElement[bool]] = []
-    for key, value in zip(keys, values, strict=True):
-        beyond = _beyond(key, value)
+    for key, value, sql in zip(keys, values, bound, strict=True):
+        beyond = _beyond(key, value, sql)
         if beyond is not None:
             branches.append(sa.and_(*equal, beyond))
-        equal.append(key.value.is_(None) if value is None else key.value == key.bind(value))
+        equal.append(key.value.is_(None) if value is None else key.value == sql)
     condition = sa.or_(*branches) if branches else sa.false()
-    bound = _leading_bound(keys[0], values[0])
-    return condition if bound is None else sa.and_(bound, condition)
+    leading = _leading_bound(keys[0], values[0], bound[0])
+    return condition if leading is None else sa.and_(leading, condition)
 
 
-def _beyond(key: _SortKey, value: Any) -> ColumnElement[bool] | None:
-    """Rows after ``value`` on this key alone: NULLs last ascending, first descending."""
+def _beyond(key: _SortKey, value: Any, sql: Any) -> ColumnElement[bool] | None:
+    """Rows after ``value`` (``sql``) on this key alone: NULLs last ascending, first descending."""
     if key.descending:
-        return key.value.is_not(None) if value is None else key.ordered < key.bind(value)
+        return key.value.is_not(None) if value is None else key.ordered < sql
     if value is None:
         return None
-    after = key.ordered > key.bind(value)
+    after = key.ordered > sql
     return sa.or_(after, key.value.is_(None)) if key.nullable else after
 
 
-def _leading_bound(key: _SortKey, value: Any) -> ColumnElement[bool] | None:
+def _leading_bound(key: _SortKey, value: Any, sql: Any) -> ColumnElement[bool] | None:
     """A range on the first key alone, implied by the condition, that an index can seek to."""
     if key.descending:
-        return None if value is None else key.ordered <= key.bind(value)
+        return None if value is None else key.ordered <= sql
     if value is None:
         return key.value.is_(None)
-    return None if key.nullable else key.ordered >= key.bind(value)
+    return None if key.nullable else key.ordered >= sql
+
+
+#: "After the cursor" with named parameters, per shared list shape and pattern of nulls.
+_AFTER_TEMPLATES: weakref.WeakKeyDictionary[Any, dict[tuple[bool, ...], ColumnElement[bool]]] = (
+    weakref.WeakKeyDictionary()
+)
+_AFTER_TEMPLATES_LOCK = threading.Lock()
+
+
+def _after_template(
+    shape: _Shape, keys: Sequence[_SortKey], values: Sequence[Any]
+) -> tuple[ColumnElement[bool], dict[str, Any]]:
+    """Return :func:`_after` with the values as named parameters, and those parameters.
+
+    The condition's shape depends only on which values are null, so for a shared
+    list shape it is built once per such pattern and its SQL can be prepared once
+    (``direct``) like a first page's.
+    """
+    pattern = tuple(v is None for v in values)
+    with _AFTER_TEMPLATES_LOCK:
+        found = _AFTER_TEMPLATES.get(shape.select, {}).get(pattern)
+    if found is None:
+        bound = [
+            None if null else sa.bindparam(f"_after{i}", type_=k.value.type)
+            for i, (k, null) in enumerate(zip(keys, pattern, strict=True))
+        ]
+        found = _after(keys, values, bound)
+        with _AFTER_TEMPLATES_LOCK:
+            _AFTER_TEMPLATES.setdefault(shape.select, {})[pattern] = found
+    params = {f"_after{i}": v for i, v in enumerate(values) if v is not None}
+    return found, params
 
 
 # -- the list -----------------------------------------------------------------------------
@@ -722,19 +764,26 @@ def _list(
         extra_key,
     )
     sort_spec = ",".join(k.spec for k in keys)
-    conditions = list(where.conditions)
+    after = None
     if request.cursor is not None:
-        values = _cursor_values(request.cursor, secret, entity, sort_spec, where.digest, keys)
-        conditions.append(_after(keys, values))
+        after = _cursor_values(request.cursor, secret, entity, sort_spec, where.digest, keys)
 
     dialect = connection.dialect
     shape, shared = _shape(model, entity, fields, request.sort, limit, ctx, dialect)
     prepared = None
-    if shared and where.shared and request.cursor is None:
-        prepared = _prepared_list(connection, shape, conditions)
+    if shared and where.shared:
+        # Every request of the published version asks this SQL: prepare it once.
+        conditions, params = list(where.conditions), {}
+        if after is not None:
+            template, params = _after_template(shape, keys, after)
+            conditions.append(template)
+        prepared = _prepared_list(connection, shape, conditions, tuple(params))
     if prepared is not None:
-        rows = _direct_rows(connection, prepared, where.node)
+        rows = _direct_rows(connection, prepared, where.node, params)
     else:
+        conditions = list(where.conditions)
+        if after is not None:
+            conditions.append(_after(keys, after))
         rows = _execute(connection, shape.select.where(*conditions), where.node).all()
     more = len(rows) > limit
     rows = rows[:limit]
@@ -769,21 +818,25 @@ _PREPARED_LISTS = direct.PreparedCache()
 
 
 def _prepared_list(
-    connection: Connection, shape: _Shape, conditions: Sequence[ColumnElement[bool]]
+    connection: Connection,
+    shape: _Shape,
+    conditions: Sequence[ColumnElement[bool]],
+    supplied: tuple[str, ...],
 ) -> direct.Prepared | None:
-    """Return a first page's SELECT compiled once for this tenant, or None when it cannot be.
+    """Return a page's SELECT compiled once for this tenant, or None when it cannot be.
 
     Only for a shape and conditions every request shares: their identities are
     the key, and the entry keeps them alive so an ``id()`` cannot be reused.
+    ``supplied`` names the parameters each request gives (a cursor's values).
     """
     dialect = connection.dialect
     schema = direct.schema_of(connection)
-    key = (direct.dialect_key(dialect, schema), *map(id, conditions))
+    key = (direct.dialect_key(dialect, schema), supplied, *map(id, conditions))
     kept = tuple(conditions)
     return _PREPARED_LISTS.get(
         shape.select,
         key,
-        lambda: direct.prepare(shape.select.where(*kept), dialect, schema),
+        lambda: direct.prepare(shape.select.where(*kept), dialect, schema, supplied),
         keep=kept,
     )
 
@@ -954,11 +1007,14 @@ def _execute(
 
 
 def _direct_rows(
-    connection: Connection, prepared: direct.Prepared, node: Node | None
+    connection: Connection,
+    prepared: direct.Prepared,
+    node: Node | None,
+    params: dict[str, Any] | None = None,
 ) -> list[Sequence[Any]]:
     """``_execute`` for a statement prepared for the driver: its rows, or the same errors."""
     try:
-        return direct.rows(connection, prepared)
+        return direct.rows(connection, prepared, params)
     except DBAPIError as exc:
         refused = _query_error(connection, exc, node)
         if refused is None:
