@@ -159,29 +159,30 @@ class Pipeline:
             callback()
 
 
-def _queue(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    """``do_execute``: send a pipelined statement on a cursor of its own, not waiting."""
+def _queued(cursor: Any, context: Any, send: Callable[[Any], Any]) -> bool:
+    """Send a pipelined statement on a cursor of its own, not waiting; False if not pipelined."""
     pending = context.execution_options.get(PIPELINED)
     if pending is None:
         return False
     own = cursor.connection.cursor()
-    own.execute(statement, parameters)
+    send(own)
     pending.cursor = own
     return True
+
+
+def _queue(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """``do_execute``."""
+    return _queued(cursor, context, lambda own: own.execute(statement, parameters))
 
 
 def _queue_no_params(cursor: Any, statement: str, context: Any) -> bool:
-    return _queue(cursor, statement, None, context)
+    """``do_execute_no_params``."""
+    return _queued(cursor, context, lambda own: own.execute(statement, None))
 
 
 def _queue_many(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    pending = context.execution_options.get(PIPELINED)
-    if pending is None:
-        return False
-    own = cursor.connection.cursor()
-    own.executemany(statement, parameters)
-    pending.cursor = own
-    return True
+    """``do_executemany``."""
+    return _queued(cursor, context, lambda own: own.executemany(statement, parameters))
 
 
 def _hook(engine: sa.Engine) -> None:

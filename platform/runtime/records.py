@@ -1411,11 +1411,7 @@ def create(
     together (one round trip on PostgreSQL, :mod:`metacrm.runtime.pipeline`).
     """
     c = _context(connection, model, entity, caller, cipher)
-    values, errors = _validate(c, data, creating=True)
-    errors.extend(_check_references(c, [("", values)]))
-    errors.extend(_check_unique(c, [("", values, None)]))
-    if errors:
-        raise _refused(c, errors)
+    values = _checked(c, data, None)
     record_id = uuid7()
     owner, team = c.owners.get("", (caller.user_id, caller.team_id))
     row = {"id": record_id, "owner_id": owner, "team_id": team, **_columns_of(c, values)}
@@ -1431,6 +1427,19 @@ def create(
         created_with["owner_id"] = json_value(owner)
     changes = {name: [None, value] for name, value in created_with.items()}
     return _written(c, record_id, row, values, "create", changes, 1)
+
+
+def _checked(c: _Context, data: Any, record_id: uuid.UUID | None) -> dict[str, Any]:
+    """Validate one payload, its references and its unique values; RecordInvalid if refused.
+
+    ``record_id`` is None for a create, else the record an update changes.
+    """
+    values, errors = _validate(c, data, creating=record_id is None)
+    errors.extend(_check_references(c, [("", values)]))
+    errors.extend(_check_unique(c, [("", values, record_id)]))
+    if errors:
+        raise _refused(c, errors)
+    return values
 
 
 def _written(
@@ -1654,11 +1663,7 @@ def update(
     its log and the read of the stored record go together (:func:`_written`).
     """
     c = _context(connection, model, entity, caller, cipher)
-    values, errors = _validate(c, data, creating=False)
-    errors.extend(_check_references(c, [("", values)]))
-    errors.extend(_check_unique(c, [("", values, record_id)]))
-    if errors:
-        raise _refused(c, errors)
+    values = _checked(c, data, record_id)
     row = _locked_row(c, record_id, scope)
     if expected_version is not None and row["version"] != expected_version:
         raise VersionMismatch(row["version"])

@@ -26,9 +26,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from metacrm.runtime import direct, metastore, query, records, tenancy
+from metacrm.runtime import direct, query, records
 
-from .test_raw_rows import SPECIMEN, _create, _ctx, _payload, _random_specimen
+from .test_raw_rows import SPECIMEN, _create, _ctx, _payload, _random_specimen, tenant_with
 
 SECRET = b"direct-secret"
 #: SPECIMEN without its formula that reads today(): every statement is shared.
@@ -39,13 +39,7 @@ ALWAYS = sa.true()
 
 @pytest.fixture
 def tenant(platform):
-    created = tenancy.create_tenant(platform, f"d{uuid.uuid4().hex[:9]}", "Direct reads")
-    store = platform.store(created.tenant)
-    with store.connect() as connection:
-        bundle = copy.deepcopy(metastore.current(connection).bundle)
-    bundle["entities"].append(copy.deepcopy(SHARED))
-    metastore.publish(store, bundle, expected_version=1)
-    return platform, store
+    return tenant_with(platform, SHARED)
 
 
 @contextmanager
@@ -115,12 +109,7 @@ def test_reads_and_first_pages_give_the_same_json_both_ways(tenant):
 
 def test_a_formula_reading_today_keeps_the_sqlalchemy_path(platform):
     """SPECIMEN's ``age_days`` makes every statement per request: nothing is compiled once."""
-    created = tenancy.create_tenant(platform, f"d{uuid.uuid4().hex[:9]}", "Per request")
-    store = platform.store(created.tenant)
-    with store.connect() as connection:
-        bundle = copy.deepcopy(metastore.current(connection).bundle)
-    bundle["entities"].append(copy.deepcopy(SPECIMEN))
-    metastore.publish(store, bundle, expected_version=1)
+    platform, store = tenant_with(platform, SPECIMEN)
     record = _create((platform, store), "specimen", {"title": "x", "day": "2024-05-01"})
     with store.read() as connection, statements(store.engine) as seen:
         m = platform.models.current(store, connection)
@@ -288,3 +277,20 @@ def test_the_cache_keeps_what_its_keys_name_and_goes_with_its_owner():
     del owner
     gc.collect()
     assert len(cache._found) == 0
+
+
+def test_a_second_tenant_reads_its_own_tables_through_the_same_prepared_shapes(platform):
+    """Prepared SQL names the tenant's schema: another tenant never reads the first one's rows."""
+    first, second = tenant_with(platform, SHARED), tenant_with(platform, SHARED)
+    mine = _create(first, "specimen", {"title": "first's"})
+    for (p, store), expected in ((first, [mine["id"]]), (second, [])):
+        with store.read() as connection:
+            m = p.models.current(store, connection)
+            entity = m.entity("specimen")
+            page = query.list_records(connection, m, entity, query.ListRequest(), _ctx(), SECRET)
+            assert [item["id"] for item in page.items] == expected
+            if not expected:
+                with pytest.raises(records.RecordNotFound):
+                    records.get(connection, m, entity, uuid.UUID(mine["id"]), _ctx())
+            else:
+                assert records.get(connection, m, entity, uuid.UUID(mine["id"]), _ctx())["id"]

@@ -82,16 +82,21 @@ SPECIMEN = {
 }
 
 
-@pytest.fixture
-def tenant(platform):
-    """A core tenant with an entity holding a field of every type."""
-    created = tenancy.create_tenant(platform, f"w{uuid.uuid4().hex[:9]}", "Raw rows")
+def tenant_with(platform, entity: dict[str, Any]):
+    """A new core tenant whose version 2 adds ``entity``; returns (platform, store)."""
+    created = tenancy.create_tenant(platform, f"w{uuid.uuid4().hex[:9]}", "Specimen tenant")
     store = platform.store(created.tenant)
     with store.connect() as connection:
         bundle = copy.deepcopy(metastore.current(connection).bundle)
-    bundle["entities"].append(copy.deepcopy(SPECIMEN))
+    bundle["entities"].append(copy.deepcopy(entity))
     metastore.publish(store, bundle, expected_version=1)
     return platform, store
+
+
+@pytest.fixture
+def tenant(platform):
+    """A core tenant with an entity holding a field of every type."""
+    return tenant_with(platform, SPECIMEN)
 
 
 def _create(tenant, entity: str, data: dict[str, Any]) -> dict[str, Any]:
