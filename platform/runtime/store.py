@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from metacrm.metadata.coltypes import JSONValue, UTCDateTime
-from metacrm.runtime.database import for_reads
+from metacrm.runtime.database import READS
 
 PLATFORM = sa.MetaData()
 
@@ -292,9 +292,12 @@ class TenantStore:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """Yield a connection for a request that only reads (see ``database.for_reads``)."""
-        with self.engine.connect() as connection:
-            yield for_reads(connection, **self._translation())
+        """Yield a connection for a request that only reads (see ``database.for_reads``).
+
+        It is borrowed from ``database.READS``: kept set up between requests.
+        """
+        with READS.borrow(self.engine, **self._translation()) as connection:
+            yield connection
 
     @contextmanager
     def begin(self, immediate: bool = False) -> Iterator[Connection]:
