@@ -240,13 +240,16 @@ class ReadConnections:
                 usable = False
         if usable:
             with self._lock:
-                idle = self._idle.setdefault(engine, [])
+                idle = self._idle.get(engine)
+                first = idle is None
+                if idle is None:
+                    idle = self._idle[engine] = []
                 if len(idle) < self._keep:
                     idle.append(kept)
                     kept = None
+            if first and not event.contains(engine, "engine_disposed", self._drop):
+                event.listen(engine, "engine_disposed", self._drop)
             if kept is None:
-                if not event.contains(engine, "engine_disposed", self._drop):
-                    event.listen(engine, "engine_disposed", self._drop)
                 return
             connection.close()  # more idle than kept: back to the pool
             return
