@@ -172,7 +172,8 @@ class ReadConnections:
     already in autocommit and gives it back as it is.
 
     The idle connections of an engine are a stack (the most recently used, whose
-    statements psycopg has prepared, goes out first), at most ``keep`` deep;
+    statements psycopg has prepared, goes out first), at most ``keep`` deep and
+    never deeper than the pool's size, so writes always find connections;
     a borrow finds one or takes a new one from the pool, so nested or
     concurrent reads never share one. A connection is not kept when the block
     changed its execution options, left it invalidated or closed, or when its
@@ -244,7 +245,7 @@ class ReadConnections:
                 first = idle is None
                 if idle is None:
                     idle = self._idle[engine] = []
-                if len(idle) < self._keep:
+                if len(idle) < min(self._keep, engine.pool.size()):
                     idle.append(kept)
                     kept = None
             if first and not event.contains(engine, "engine_disposed", self._drop):
