@@ -8,7 +8,8 @@ permission path whatever the credential.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from metacrm.runtime.control import ApiToken, Membership, User
 
@@ -23,6 +24,10 @@ class Principal:
     token: ApiToken | None = None
     #: The server-side login session the request's cookie names, if it came with one.
     session_id: uuid.UUID | None = None
+    #: What requests derived from this principal (its access under a model), kept as
+    #: long as the principal is: one request, or, for a token, while the token cache
+    #: holds its rows (the control database unchanged; ``tokens._Entry``).
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def tenant_id(self) -> uuid.UUID:

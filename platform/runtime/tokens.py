@@ -303,7 +303,7 @@ class TokenCache:
     """
 
     def __init__(self, size: int = TOKEN_CACHE_SIZE) -> None:
-        self._entries: OrderedDict[uuid.UUID, tuple[Hashable, _Found]] = OrderedDict()
+        self._entries: OrderedDict[uuid.UUID, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
 
@@ -318,8 +318,8 @@ class TokenCache:
         now_mark = mark()
         with self._lock:
             entry = self._entries.get(key)
-        if entry is not None and now_mark is not None and entry[0] == now_mark:
-            return _accept(entry[1], secret)
+        if entry is not None and now_mark is not None and entry.mark == now_mark:
+            return entry.accept(secret)
         with engine.connect() as connection:
             found = _load(for_reads(connection), key)
         accepted = _accept(found, secret)
@@ -328,11 +328,36 @@ class TokenCache:
                 # A failed attempt must not evict live entries, nor leave a stale one.
                 self._entries.pop(key, None)
             else:
-                self._entries[key] = (now_mark, found)
+                self._entries[key] = _Entry(now_mark, found, accepted)
                 self._entries.move_to_end(key)
                 while len(self._entries) > self._size:
                     self._entries.popitem(last=False)
         return accepted
+
+
+class _Entry:
+    """A token's rows as read under ``mark``, and what they were accepted as then.
+
+    While the mark holds, the revocation and the live flags of the token, its
+    login and its membership are what was read, so a later use only checks the
+    secret and the expiry, and gets the same ``Principal`` back: the objects
+    the request path keys its own caches on (``api.context.access``).
+    """
+
+    __slots__ = ("accepted", "found", "mark")
+
+    def __init__(self, mark: Hashable, found: _Found, accepted: tuple[Principal, Tenant]) -> None:
+        self.mark = mark
+        self.found = found
+        self.accepted = accepted
+
+    def accept(self, secret: str) -> tuple[Principal, Tenant] | None:
+        token = self.found[0]
+        if not hmac.compare_digest(token.secret_hash, _digest(secret)):
+            return None
+        if token.expires_at is not None and token.expires_at <= utcnow():
+            return None
+        return self.accepted
 
 
 def record_use(engine: sa.Engine, token: ApiToken) -> None:

@@ -117,12 +117,19 @@ def _resolve_login(slug: str) -> RequestContext:
 def access(context: RequestContext, model: TenantModel) -> authz.Access:
     """Return what the request's caller may do under the tenant's current model.
 
-    Built once per request (and again only if the request saw a newer version);
+    Built once per principal and model (a token's principal outlives its request,
+    see ``Principal.memo``), and again only if the request saw a newer version;
     every check of the request, from the 403 to the WHERE clause, asks this one.
     """
     cached = g.get("metacrm_access")
     if cached is not None and cached.policy.version == model.version:
         return cached
-    found = authz.for_principal(context.principal, model, platform().control_engine)
+    principal = context.principal
+    known = principal.memo.get("access")
+    if known is not None and known[0] is model:
+        found = known[1]
+    else:
+        found = authz.for_principal(principal, model, platform().control_engine)
+        principal.memo["access"] = (model, found)
     g.metacrm_access = found
     return found

@@ -789,3 +789,22 @@ def test_operator_and_account_posts_share_the_sign_in_rate_limit(platform):
             assert answers[-1].json["code"] == "too_many_requests"
     finally:
         limited.extensions["metacrm"].close()
+
+
+def test_a_role_change_reaches_a_token_in_use_at_once(app, platform, orgs):
+    """A token's principal and access are kept between requests; a new role still counts."""
+    a, _ = orgs
+    client = app.test_client()
+    users = f"/t/{a.slug}/api/v1/users"
+    for _ in range(3):  # served from the token cache and the principal's access after the first
+        assert client.get(users, headers=auth(a.rep_token)).status_code == 403
+    granted = client.patch(
+        f"{users}/{a.rep.id}", json={"roles": ["admin"]}, headers=auth(a.admin_token)
+    )
+    assert granted.status_code == 200, granted.json
+    assert client.get(users, headers=auth(a.rep_token)).status_code == 200
+    taken = client.patch(
+        f"{users}/{a.rep.id}", json={"roles": ["sales_rep"]}, headers=auth(a.admin_token)
+    )
+    assert taken.status_code == 200, taken.json
+    assert client.get(users, headers=auth(a.rep_token)).status_code == 403

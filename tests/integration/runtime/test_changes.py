@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from metacrm.runtime import changes, metastore, tokens
+from metacrm.runtime import authz, changes, metastore, tokens
 from metacrm.runtime.changes import CONTROL, Watches, meta_topic
 from metacrm.runtime.control import ApiToken, Membership, Tenant
 from metacrm.runtime.platform import Platform
@@ -307,6 +307,38 @@ def test_a_wrong_secret_is_refused_and_leaves_the_cached_token_working(api: Api)
     with statements(p.control_engine) as sent:
         assert api.client.get(records_url(api), headers=bearer(api)).status_code == 200
     assert not [s for s in sent if "api_token" in s], sent
+
+
+def test_a_cached_token_keeps_its_principal_and_its_access(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = app_platform(api)
+    listening_mark(p)
+    warm(api)
+    built: list[object] = []
+    original = authz.for_principal
+
+    def counted(*args: object, **kwargs: object) -> authz.Access:
+        built.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(authz, "for_principal", counted)
+    first = p.tokens.authenticate(p.control_engine, p.control_mark, api.token)
+    second = p.tokens.authenticate(p.control_engine, p.control_mark, api.token)
+    assert first is not None and second is not None and first[0] is second[0]
+    for _ in range(3):
+        assert api.client.get(records_url(api), headers=bearer(api)).status_code == 200
+    assert built == []  # warm() built it; the same principal keeps it
+    # A new published version builds it again, once.
+    store = p.store(api.tenant)
+    with store.connect() as connection:
+        bundle = metastore.current(connection).bundle
+    metastore.publish(
+        store, with_field(bundle, "customer", text_field("nickname")), expected_version=1
+    )
+    for _ in range(2):
+        assert api.client.get(records_url(api), headers=bearer(api)).status_code == 200
+    assert len(built) == 1
 
 
 # -- the published version ----------------------------------------------------------------------
