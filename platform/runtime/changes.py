@@ -198,7 +198,12 @@ _listeners_lock = threading.Lock()
 _keys: weakref.WeakKeyDictionary[sa.Engine, str] = weakref.WeakKeyDictionary()
 
 
-def _key(engine: sa.Engine) -> str:
+def engine_key(engine: sa.Engine) -> str:
+    """The engine's database URL as text, rendered once per engine.
+
+    A key for caches per database: ``sa.URL`` hashes by rendering itself, which
+    cost more than the rest of a cache hit on every request.
+    """
     found = _keys.get(engine)
     if found is None:
         found = _keys[engine] = engine.url.render_as_string(hide_password=False)
@@ -206,7 +211,7 @@ def _key(engine: sa.Engine) -> str:
 
 
 def _acquire(engine: sa.Engine) -> _Listener:
-    key = _key(engine)
+    key = engine_key(engine)
     with _listeners_lock:
         found, users = _listeners.get(key, (None, 0))
         if found is None:
@@ -229,7 +234,7 @@ def _release(key: str) -> None:
 
 def _running(engine: sa.Engine) -> _Listener | None:
     """The listener of an engine's database, if a platform of this process runs one."""
-    found = _listeners.get(_key(engine))
+    found = _listeners.get(engine_key(engine))
     return found[0] if found is not None else None
 
 
@@ -328,7 +333,7 @@ class Watches:
         return found.mark(topic)
 
     def _listener(self, engine: sa.Engine) -> _Listener:
-        key = _key(engine)
+        key = engine_key(engine)
         found = self._listeners.get(key)
         if found is None:
             with self._lock:

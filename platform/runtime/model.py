@@ -24,7 +24,7 @@ from metacrm.metadata.expression import Node, Scope, parse
 from metacrm.metadata.expressions import scope_for
 from metacrm.metadata.model import Bundle, EntityDef, FieldDef, empty_bundle
 from metacrm.metadata.tables import build_tables, link_table_name
-from metacrm.runtime.changes import Watches, meta_topic
+from metacrm.runtime.changes import Watches, engine_key, meta_topic
 from metacrm.runtime.store import TenantStore, meta_version
 
 CACHE_SIZE = 256
@@ -141,15 +141,15 @@ class ModelCache:
     """
 
     def __init__(self, changes: Watches | None = None, size: int = CACHE_SIZE) -> None:
-        self._models: OrderedDict[tuple[sa.URL, str | None, int], TenantModel] = OrderedDict()
-        self._published: OrderedDict[tuple[sa.URL, str | None], tuple[Hashable, int]]
+        self._models: OrderedDict[tuple[str, str | None, int], TenantModel] = OrderedDict()
+        self._published: OrderedDict[tuple[str, str | None], tuple[Hashable, int]]
         self._published = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
         self._changes = changes
 
     def _version(
-        self, store: TenantStore, connection: Connection, where: tuple[sa.URL, str | None]
+        self, store: TenantStore, connection: Connection, where: tuple[str, str | None]
     ) -> int:
         """The version published now: from memory while the store's mark holds."""
         mark = None
@@ -171,8 +171,7 @@ class ModelCache:
 
     def current(self, store: TenantStore, connection: Connection) -> TenantModel:
         """Return the model of the version published now, compiling it on first use."""
-        # The URL itself, not its text: rendering it cost more than the rest of a cache hit.
-        where = (store.engine.url, store.schema)
+        where = (engine_key(store.engine), store.schema)
         version = self._version(store, connection, where)
         key = (*where, version)
         with self._lock:

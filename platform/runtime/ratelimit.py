@@ -46,8 +46,8 @@ LOGIN_ENDPOINTS = frozenset(
 KEY_PREFIX = "metacrm"
 
 
-def _is_api() -> bool:
-    parts = request.path.split("/", 5)
+def _is_api(path: str) -> bool:
+    parts = path.split("/", 4)
     # /t/<tenant>/api/...
     return len(parts) > 3 and parts[1] == "t" and parts[3] == "api"
 
@@ -76,40 +76,45 @@ class LocalWindows:
     SWEEP_AT = 10_000
 
     def __init__(self) -> None:
-        self._hits: dict[tuple[RateLimitItem, tuple[str, ...]], tuple[float, deque[float]]] = {}
+        # Keyed by the item's id, not the item: ``RateLimitItem`` hashes and compares in
+        # Python, twice per request. The entry holds the item, so its id stays its own.
+        self._hits: dict[tuple[int, tuple[str, ...]], tuple[RateLimitItem, float, deque[float]]]
+        self._hits = {}
         self._lock = threading.Lock()
 
-    def _window(self, item: RateLimitItem, key: tuple[str, ...], now: float) -> deque[float]:
-        found = self._hits.get((item, key))
+    def _window(
+        self, item: RateLimitItem, key: tuple[str, ...], now: float
+    ) -> tuple[float, deque[float]]:
+        """The budget's length in seconds and the key's hits inside it now."""
+        found = self._hits.get((id(item), key))
         if found is None:
             if len(self._hits) >= self.SWEEP_AT:
                 self._sweep(now)
-            found = self._hits[(item, key)] = (float(item.get_expiry()), deque())
-        seconds, hits = found
+            found = self._hits[(id(item), key)] = (item, float(item.get_expiry()), deque())
+        _, seconds, hits = found
         while hits and hits[0] <= now - seconds:
             hits.popleft()
-        return hits
+        return seconds, hits
 
     def _sweep(self, now: float) -> None:
-        for key, (seconds, hits) in list(self._hits.items()):
+        for key, (_, seconds, hits) in list(self._hits.items()):
             if not hits or hits[-1] <= now - seconds:
                 del self._hits[key]
 
     def spend(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats | None:
         now = time.time()
         with self._lock:
-            hits = self._window(item, key, now)
+            seconds, hits = self._window(item, key, now)
             if len(hits) >= item.amount:
                 return None
             hits.append(now)
-            return WindowStats(hits[0] + item.get_expiry(), item.amount - len(hits))
+            return WindowStats(hits[0] + seconds, item.amount - len(hits))
 
     def window(self, item: RateLimitItem, key: tuple[str, ...]) -> WindowStats:
         now = time.time()
         with self._lock:
-            hits = self._window(item, key, now)
-            reset = (hits[0] if hits else now) + item.get_expiry()
-            return WindowStats(reset, item.amount - len(hits))
+            seconds, hits = self._window(item, key, now)
+            return WindowStats((hits[0] if hits else now) + seconds, item.amount - len(hits))
 
 
 class SharedWindows:
@@ -137,8 +142,12 @@ class Limiter:
 
     def check(self) -> None:
         """Count the request against its budget; 429 when one is spent."""
-        address = request.remote_addr or "unknown"
-        if _is_api():
+        # From the WSGI environ (set by ProxyFix when behind a trusted proxy): what
+        # ``request.remote_addr`` and ``request.path`` read, without their lookups. The
+        # raw path is enough to tell the /t/<tenant>/api/ prefix.
+        environ = request.environ
+        address = environ.get("REMOTE_ADDR") or "unknown"
+        if _is_api(environ.get("PATH_INFO", "")):
             # The headers tell the first (tightest-listed) rate as it stands after this hit.
             g.metacrm_rate = (self.api[0], self._spend(self.api, ("api", address)))
         elif request.method == "POST" and request.endpoint in LOGIN_ENDPOINTS:
