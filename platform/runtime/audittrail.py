@@ -25,8 +25,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +59,29 @@ HASHED = (
     "ip",
 )
 _HEAD_ID = 1
-#: The address of the client whose request is being served (set by the web
-#: application per request), kept with every entry that does not name one, so
-#: record writes and publishes made through the API say where they came from.
-CLIENT_IP: ContextVar[str | None] = ContextVar("metacrm_audit_client_ip", default=None)
+
+
+def _no_client() -> str | None:
+    return None
+
+
+#: Where the address of the client being served comes from, kept with every entry
+#: that does not name one, so record writes and publishes made through the API say
+#: where they came from. The web application installs its own (the current
+#: request's address, ``set_client_source``); asked only when an entry is written,
+#: so a request that writes nothing pays nothing for it.
+_client_source: Callable[[], str | None] = _no_client
+
+
+def set_client_source(source: Callable[[], str | None]) -> None:
+    """Make ``source`` say whose address an entry written now keeps (None: no client)."""
+    global _client_source
+    _client_source = source
+
+
+def client_ip() -> str | None:
+    """The address of the client being served now, if any."""
+    return _client_source()
 
 
 #: The key of ``detail`` that marks a grouped entry (how many records it covers): one
@@ -399,7 +417,7 @@ def _prepare(
     if actor_name is not None and (not isinstance(actor_name, str) or len(actor_name) > MAX_NAME):
         raise AuditError(f"the actor name must be text of at most {MAX_NAME} characters")
     if ip is None:
-        ip = CLIENT_IP.get()
+        ip = client_ip()
     if ip is not None and (not isinstance(ip, str) or len(ip) > MAX_IP):
         raise AuditError(f"the IP address must be text of at most {MAX_IP} characters")
     if entity is not None and (not isinstance(entity, str) or len(entity) > 63):

@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, Flask, Response, g, jsonify, request, stream_with_context
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    has_request_context,
+    jsonify,
+    request,
+    stream_with_context,
+)
 
 from metacrm.runtime import audittrail, spreadsheet
 from metacrm.runtime import cursor as cursors
@@ -70,18 +78,12 @@ def init_app(app: Flask) -> None:
     """Register the audit API, and note each request's client address for its entries."""
     app.register_blueprint(bp)
 
-    @app.before_request
-    def _remember_client() -> None:
-        g.metacrm_audit_ip = audittrail.CLIENT_IP.set(request.remote_addr)
+    audittrail.set_client_source(_request_address)
 
-    @app.teardown_request
-    def _forget_client(_error: BaseException | None) -> None:
-        token = g.pop("metacrm_audit_ip", None)
-        if token is not None:
-            try:
-                audittrail.CLIENT_IP.reset(token)
-            except ValueError:  # torn down in another context: just clear it there
-                audittrail.CLIENT_IP.set(None)
+
+def _request_address() -> str | None:
+    """The address of the request being served in this thread (None outside one)."""
+    return request.remote_addr if has_request_context() else None
 
 
 def _only(names: tuple[str, ...]) -> None:
