@@ -203,3 +203,31 @@ def test_an_in_memory_database_keeps_nothing():
         assert connection.closed  # given back to its pool, which hands it to one thread only
     finally:
         engine.dispose()
+
+
+def test_a_connection_kept_by_one_thread_serves_the_next(backend, tmp_path, request):
+    """Worker threads hand kept connections on (gunicorn's gthread workers)."""
+    import threading
+
+    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
+    seen: list[tuple[object, int]] = []
+    failures: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            with reads.borrow(engine) as connection:
+                seen.append((_driver(connection), connection.exec_driver_sql("SELECT 7").scalar()))
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    try:
+        for _ in range(3):
+            worker = threading.Thread(target=read)
+            worker.start()
+            worker.join()
+        assert not failures, failures
+        assert [value for _, value in seen] == [7, 7, 7]
+        assert len({id(driver) for driver, _ in seen}) == 1
+    finally:
+        engine.dispose()
