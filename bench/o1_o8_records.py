@@ -74,6 +74,7 @@ from bench.common import (
     memory_kib,
     private_database,
     sample,
+    sample_alternating,
 )
 from bench.dataset import ENTITY, STATUSES
 from metacrm.metadata.expression import EvalContext, compile_sql, parse
@@ -298,11 +299,15 @@ def _timed(fn: Callable[[], object], seconds: float) -> Stats:
 
 
 def _series(points: dict[str, Callable[[], object]], reps: int, seconds: float) -> dict[str, Stats]:
-    """Time every point once per repetition, interleaved; return the median of each."""
+    """Time the points call by call in turn, ``reps`` times; return the median of each.
+
+    A metacrm figure and its baseline are timed under the same load (see
+    ``sample_alternating``), which is what their ratio needs.
+    """
     runs: dict[str, list[Stats]] = {name: [] for name in points}
     for _ in range(reps):
-        for name, fn in points.items():
-            runs[name].append(_timed(fn, seconds))
+        for name, durations in sample_alternating(points, max_seconds=seconds).items():
+            runs[name].append(Stats.of(durations))
     return {name: Stats.median(found) for name, found in runs.items()}
 
 
