@@ -445,6 +445,10 @@ def _row_errors(rows: Sequence[Row], errors: Iterable[Mapping[str, Any]]) -> lis
     return mapped
 
 
+#: A batch of an import: its rows, the problems of rows read with them, its payloads read.
+_Batch = tuple[list[Row], list[dict[str, Any]], records.ReadAhead]
+
+
 def import_rows(
     connection: Connection,
     model: TenantModel,
@@ -471,8 +475,9 @@ def import_rows(
     finished = False
     source = iter(rows)
 
-    def take() -> tuple[list[Row], list[dict[str, Any]]] | None:
-        """Read the next batch's rows and the problems of the rows read with them."""
+    def take() -> _Batch | None:
+        """Read the next batch's rows, the problems of the rows read with them, and their
+        payloads as far as that needs no database (:func:`records.read_ahead`)."""
         nonlocal read, complete, finished
         if finished:
             return None
@@ -481,25 +486,30 @@ def import_rows(
         for row in source:
             if len(errors) + len(problems) >= MAX_ERRORS:
                 complete, finished = False, True  # stop looking
-                return taken, problems
+                return _read(taken, problems)
             read += 1
             if isinstance(row, RowProblem):
                 problems.extend({**e, "row": row.number} for e in row.errors)
                 continue
             taken.append(row)
             if len(taken) >= batch:
-                return taken, problems
+                return _read(taken, problems)
         finished = True
-        return (taken, problems) if taken or problems else None
+        return _read(taken, problems) if taken or problems else None
 
-    def flush(pending: list[Row], meanwhile: Callable[[], None]) -> None:
+    def _read(taken: list[Row], problems: list[dict[str, Any]]) -> _Batch:
+        payloads = [row.payload for row in taken]
+        ready = records.read_ahead(connection, model, entity, payloads, caller, cipher)
+        return taken, problems, ready
+
+    def flush(pending: list[Row], ready: records.ReadAhead, meanwhile: Callable[[], None]) -> None:
         nonlocal created
         try:
             made = records.create_many(
                 connection,
                 model,
                 entity,
-                [row.payload for row in pending],
+                ready,
                 caller,
                 cipher,
                 bulk=True,
@@ -514,12 +524,13 @@ def import_rows(
     try:
         upcoming = take()
         while upcoming is not None:
-            pending, problems = upcoming
+            pending, problems, ready = upcoming
             errors.extend(problems)
-            ahead: list[tuple[list[Row], list[dict[str, Any]]] | None] = []
+            ahead: list[_Batch | None] = []
             if pending and complete:
-                # The next batch is read from the file while the server stores this one.
-                flush(pending, lambda found=ahead: found.append(take()))
+                # The next batch is read from the file and checked while the server stores
+                # this one.
+                flush(pending, ready, lambda found=ahead: found.append(take()))
             upcoming = ahead[0] if ahead else take()
     except BaseException:
         savepoint.rollback()

@@ -1013,12 +1013,45 @@ def _integrity(c: _Context, exc: sa.exc.IntegrityError, pointer: str = "") -> Re
 _STAMPS = ("created_at", "created_by", "updated_at", "updated_by", "version")
 
 
+@dataclass
+class ReadAhead:
+    """A grouped bulk create's payloads, read before their turn (:func:`read_ahead`)."""
+
+    context: _Context
+    items: Sequence[Any]
+    #: The payloads read a field at a time, or None when the per-row path must read them.
+    columns: _Columns | None
+    #: What the column path writes that needs no database (None with ``columns``).
+    staged: _Staged | None
+
+
+def read_ahead(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    items: Sequence[Any],
+    caller: Caller,
+    cipher: FieldCipher,
+) -> ReadAhead:
+    """Do the part of a grouped bulk create that needs no database, for a later call.
+
+    ``create_many(..., bulk=True, grouped=True)`` given the answer instead of the
+    payloads does the rest. An import reads its next batch this way while the
+    server is still storing the current one, so that the two overlap; a batch
+    this reading refuses is read payload by payload in its turn, as always, and
+    its errors are worded and raised then.
+    """
+    c = _context(connection, model, entity, caller, cipher)
+    columns = _read_columns(c, items)
+    return ReadAhead(c, items, columns, None if columns is None else _stage(c, columns))
+
+
 @_in_savepoint
 def create_many(
     connection: Connection,
     model: TenantModel,
     entity: EntityModel,
-    items: Sequence[Any],
+    items: Sequence[Any] | ReadAhead,
     caller: Caller,
     cipher: FieldCipher,
     *,
@@ -1035,14 +1068,22 @@ def create_many(
     instead of one each: an import writes thousands of records a second, and an
     entry of its own per record cost more than the record. ``meanwhile`` (imports:
     reading the file's next batch) may be run while the server stores a grouped
-    batch's rows, or not at all.
+    batch's rows, or not at all. ``items`` may be a :func:`read_ahead` of the
+    payloads (grouped bulk creates only), made with the same arguments.
     """
-    c = _context(connection, model, entity, caller, cipher)
+    if isinstance(items, ReadAhead):
+        if not (bulk and grouped):
+            raise TypeError("a read-ahead batch is for grouped bulk creates")
+        c, columns, staged, items = items.context, items.columns, items.staged, items.items
+        c.connection = connection  # the savepoint's connection (the same transaction)
+    else:
+        c = _context(connection, model, entity, caller, cipher)
+        columns = _read_columns(c, items) if bulk else None
+        staged = None
     prepared: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, str]] = []
-    columns = _read_columns(c, items) if bulk else None
     if columns is not None and grouped:
-        return _create_columns(c, columns, returning, meanwhile)
+        return _create_columns(c, staged or _stage(c, columns), returning, meanwhile)
     batch = None if columns is None else columns.rows()
     if batch is not None:
         prepared = [(f"/{index}", values) for index, values in enumerate(batch)]
@@ -1116,9 +1157,43 @@ def create_many(
     return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
 
 
+@dataclass
+class _Staged:
+    """A grouped bulk create's columns as they are written (:func:`_stage`)."""
+
+    #: Every field's column, defaults filled in (:meth:`_Columns.filled`).
+    names: list[str]
+    columns: list[list[Any]]
+    ids: list[uuid.UUID]
+    #: The table's columns of those fields (related-to pairs, ciphertext).
+    stored: dict[str, list[Any]]
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+def _stage(c: _Context, batch: _Columns) -> _Staged:
+    """Return what a grouped bulk create writes that needs no database: ids and columns."""
+    names, columns = batch.filled()
+    stored: dict[str, list[Any]] = {}
+    unlike = _unlike_columns(c.entity)
+    for name, column in zip(names, columns, strict=True):
+        if name not in unlike:
+            stored[name] = column
+            continue
+        kind = c.entity.entity.fields[name].type
+        if kind == "related_to":
+            stored[f"{name}_entity"] = [None if v is None else v[0] for v in column]
+            stored[f"{name}_id"] = [None if v is None else v[1] for v in column]
+        elif kind == "encrypted_text":
+            stored[name] = [None if v is None else c.cipher.encrypt(v) for v in column]
+    return _Staged(names, columns, _new_ids(batch.count), stored)
+
+
 def _create_columns(
     c: _Context,
-    batch: _Columns,
+    batch: _Staged,
     returning: bool,
     meanwhile: Callable[[], object] | None = None,
 ) -> list[dict[str, Any]]:
@@ -1131,7 +1206,7 @@ def _create_columns(
     caller's and in the caller's team.
     """
     entity, caller = c.entity, c.caller
-    names, columns = batch.filled()
+    names, columns, ids = batch.names, batch.columns, batch.ids
     if _reference_fields(entity) or _unique_fields(entity):
         prepared = [
             (f"/{index}", dict(zip(names, row, strict=True)))
@@ -1141,7 +1216,6 @@ def _create_columns(
         errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
         if errors:
             raise _refused(c, errors)
-    ids = _new_ids(batch.count)
     numbers = {
         f.name: _next_numbers(c, f, batch.count)
         for f in entity.entity.active_fields()
@@ -1152,18 +1226,7 @@ def _create_columns(
         owner_id=caller.user_id,
         team_id=caller.team_id,
     )
-    stored: dict[str, list[Any]] = {"id": ids, **numbers}
-    unlike = _unlike_columns(entity)
-    for name, column in zip(names, columns, strict=True):
-        if name not in unlike:
-            stored[name] = column
-            continue
-        kind = entity.entity.fields[name].type
-        if kind == "related_to":
-            stored[f"{name}_entity"] = [None if v is None else v[0] for v in column]
-            stored[f"{name}_id"] = [None if v is None else v[1] for v in column]
-        elif kind == "encrypted_text":
-            stored[name] = [None if v is None else c.cipher.encrypt(v) for v in column]
+    stored: dict[str, list[Any]] = {"id": ids, **numbers, **batch.stored}
     audited = _audited_fields(entity)
 
     def audit_logs() -> tuple[list[str], list[Any], audittrail.Prepared]:
