@@ -39,7 +39,8 @@ import difflib
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from operator import itemgetter
+from typing import Any, NamedTuple, TextIO
 
 from sqlalchemy.engine import Connection
 
@@ -91,9 +92,11 @@ class ImportRefused(Exception):
         self.complete = complete
 
 
-@dataclass(frozen=True)
-class Row:
-    """One record of the file: where it starts, and its payload for the record service."""
+class Row(NamedTuple):
+    """One record of the file: where it starts, and its payload for the record service.
+
+    A named tuple: made once per row of a file, which a frozen dataclass made slower.
+    """
 
     number: int
     payload: dict[str, Any]
@@ -330,68 +333,76 @@ def csv_rows(
         if name is not None
     ]
     used = [index for index, name in enumerate(mapping.fields) if name is not None]
-
-    def pick(cells: list[str]) -> Sequence[str]:
-        """Return the cells of the used columns (a file's skipped columns left out)."""
-        return [cells[index] for index in used]
-
+    # The cells of the used columns (a file's skipped columns left out), picked in C.
+    pick: Callable[[list[str]], Sequence[str]] = (
+        itemgetter(*used) if len(used) > 1 else lambda cells: [cells[index] for index in used]
+    )
     names = [name for name, _ in columns]
     readers = [(name, read) for name, read in columns if read is not None]
     width = len(header)
 
     def rows() -> Iterator[Row | RowProblem]:
-        while True:
-            number = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": str(exc)}])
-                return  # the reader cannot find the next record after a broken quote
-            if not any(cells):
-                continue  # a blank line
-            if len(cells) != width:
-                message = f"has {len(cells)} cells; the header has {width} columns"
-                yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": message}])
-                continue
-            picked = pick(cells)
-            joined = "\x1f".join(picked)
-            if (
-                "\x00" not in joined
-                and "\x1f'" not in joined
-                and joined[:1] != "'"
-                and len(joined) <= MAX_CELL
-            ):
-                # The usual row: no cell to refuse or to restore (checked over the row
-                # in C), so only the cells some reader converts cost a call.
-                payload = {name: cell for name, cell in zip(names, picked, strict=True) if cell}
-                for name, read in readers:
-                    if name in payload:
-                        payload[name] = read(payload[name])
-                yield Row(number, payload)
-                continue
-            payload = {}
-            problems = []
-            for (name, read), cell in zip(columns, picked, strict=True):
-                if not cell:
+        last = reader.line_num
+        try:
+            for cells in reader:
+                # A record starts on the line after the previous one ended.
+                number, last = last + 1, reader.line_num
+                if not any(cells):
+                    continue  # a blank line
+                if len(cells) != width:
+                    message = f"has {len(cells)} cells; the header has {width} columns"
+                    yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": message}])
                     continue
-                if "\x00" in cell or len(cell) > MAX_CELL:
-                    problems.append(
-                        {
-                            "pointer": f"/rows/{number}/{name}",
-                            "message": "must not contain the NUL character"
-                            if "\x00" in cell
-                            else f"is longer than {MAX_CELL} characters",
-                        }
-                    )
+                picked = pick(cells)
+                joined = "\x1f".join(picked)
+                if (
+                    "\x00" not in joined
+                    and "\x1f'" not in joined
+                    and joined[:1] != "'"
+                    and len(joined) <= MAX_CELL
+                ):
+                    # The usual row: no cell to refuse or to restore (checked over the row
+                    # in C), so only the cells some reader converts cost a call.
+                    payload = dict(zip(names, picked, strict=True))
+                    if "" in picked:
+                        payload = {name: cell for name, cell in payload.items() if cell}
+                    for name, read in readers:
+                        if name in payload:
+                            payload[name] = read(payload[name])
+                    yield Row(number, payload)
                     continue
-                if cell[0] == "'":
-                    cell = spreadsheet.restore(cell)
-                payload[name] = cell if read is None else read(cell)
-            yield RowProblem(number, problems) if problems else Row(number, payload)
+                yield _row_by_cells(number, columns, picked)
+        except csv.Error as exc:
+            # The reader cannot find the next record after a broken quote.
+            number = last + 1
+            yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": str(exc)}])
 
     return mapping, rows()
+
+
+def _row_by_cells(
+    number: int, columns: Sequence[tuple[str, Callable[[str], Any] | None]], picked: Sequence[str]
+) -> Row | RowProblem:
+    """Read a row cell by cell: one with a NUL, an over-long or a defused (``'``) cell."""
+    payload: dict[str, Any] = {}
+    problems = []
+    for (name, read), cell in zip(columns, picked, strict=True):
+        if not cell:
+            continue
+        if "\x00" in cell or len(cell) > MAX_CELL:
+            problems.append(
+                {
+                    "pointer": f"/rows/{number}/{name}",
+                    "message": "must not contain the NUL character"
+                    if "\x00" in cell
+                    else f"is longer than {MAX_CELL} characters",
+                }
+            )
+            continue
+        if cell[0] == "'":
+            cell = spreadsheet.restore(cell)
+        payload[name] = cell if read is None else read(cell)
+    return RowProblem(number, problems) if problems else Row(number, payload)
 
 
 def lines(text: str) -> Iterator[str]:
