@@ -212,8 +212,13 @@ _AS_IS = frozenset({str, bool, type(None)})
 _SCALARS = frozenset({str, bool, int, type(None)})
 
 
+@functools.lru_cache(maxsize=8192, typed=True)
 def _integer_text(value: int) -> str:
-    """Return ``_canonical``'s text of an integer (its normalised decimal, ``4.2E+3``)."""
+    """Return ``_canonical``'s text of an integer (its normalised decimal, ``4.2E+3``).
+
+    Kept for the whole numbers seen last: a column of an import repeats them (counts,
+    quantities), and the decimal arithmetic cost more than the rest of the value.
+    """
     return format(decimal.Decimal(value).normalize(), "E") if value else "0"
 
 

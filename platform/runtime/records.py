@@ -45,6 +45,7 @@ from metacrm.runtime.recordview import (
     cached_select_columns,
     column_resolver,
     json_value,
+    json_values,
     rows_to_json,
     select_columns,
 )
@@ -1290,7 +1291,7 @@ def _audit_column(f: FieldDef, column: list[Any]) -> list[Any]:
     """Return a column of one field's values as the audit trail keeps them."""
     if f.type == "encrypted_text" or f.type == "related_to":
         return [_audit_value(f, value) for value in column]
-    return list(map(json_value, column))
+    return json_values(column)
 
 
 #: Field types whose values are already the JSON the audit trail keeps (text, numbers).
@@ -1388,7 +1389,6 @@ def _write_columns(
         else:
             column = columns[name]
             values.append(list(map(process, column)) if process else column)
-    params = zip(*values, strict=True)
     quote = dialect.identifier_preparer.quote
     target = quote(c.table.name)
     schema = (c.connection.get_execution_options().get("schema_translate_map") or {}).get(None)
@@ -1400,6 +1400,16 @@ def _write_columns(
         if dialect.name == "postgresql":
             types = [_binary_copy_type(c.table.c[name], dialect) for name in names]
             binary = None not in types
+            if binary:
+                for index, name in enumerate(names):
+                    value = constants.get(name)
+                    if types[index] == "uuid" and isinstance(value, uuid.UUID):
+                        # A uuid's binary form is its 16 bytes, which is also how bytea
+                        # sends bytes: the driver writes them in C, not through its
+                        # Python uuid dumper once per row.
+                        values[index] = itertools.repeat(value.bytes, count)
+                        types[index] = "bytea"
+            params = zip(*values, strict=True)
             statement = f"COPY {target} ({listed}) FROM STDIN" + (
                 " (FORMAT BINARY)" if binary else ""
             )
@@ -1408,7 +1418,7 @@ def _write_columns(
                 result = meanwhile() if meanwhile else None
         else:
             statement = f"INSERT INTO {target} ({listed}) VALUES ({', '.join('?' * len(names))})"
-            cursor.executemany(statement, params)
+            cursor.executemany(statement, zip(*values, strict=True))
             result = meanwhile() if meanwhile else None
     except c.connection.dialect.loaded_dbapi.Error as exc:
         # SQLAlchemy's own handling: the same exception classes as an INSERT would
