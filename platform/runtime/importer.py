@@ -442,13 +442,18 @@ def jsonl_rows(source: Iterable[str]) -> Iterator[Row | RowProblem]:
 # -- storing ------------------------------------------------------------------------------
 
 
-def _row_errors(rows: Sequence[Row], errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Map the service's bulk pointers (``/3/name``) to the file's rows (``/rows/42/name``)."""
+def _row_errors(
+    numbers: Sequence[int], errors: Iterable[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Map the service's bulk pointers (``/3/name``) to the file's rows (``/rows/42/name``).
+
+    ``numbers`` are the rows of the batch, in order.
+    """
     mapped = []
     for error in errors:
         index, _, rest = str(error.get("pointer", "")).lstrip("/").partition("/")
-        if index.isdigit() and int(index) < len(rows):
-            number = rows[int(index)].number
+        if index.isdigit() and int(index) < len(numbers):
+            number = numbers[int(index)]
             pointer = f"/rows/{number}/{rest}" if rest else f"/rows/{number}"
             mapped.append({"pointer": pointer, "row": number, "message": error["message"]})
         else:
@@ -456,8 +461,9 @@ def _row_errors(rows: Sequence[Row], errors: Iterable[Mapping[str, Any]]) -> lis
     return mapped
 
 
-#: A batch of an import: its rows, the problems of rows read with them, its payloads read.
-_Batch = tuple[list[Row], list[dict[str, Any]], records.ReadAhead]
+#: A batch of an import: its rows' numbers, the problems of rows read with them, and its
+#: payloads read ahead.
+_Batch = tuple[list[int], list[dict[str, Any]], records.ReadAhead]
 
 
 def import_rows(
@@ -492,28 +498,34 @@ def import_rows(
         nonlocal read, complete, finished
         if finished:
             return None
-        taken: list[Row] = []
+        # Row numbers and payloads, not the rows: a row then lives only as long as it is
+        # read, and the garbage collector does not carry a batch of them from one
+        # generation to the next (each full collection walks every object of the process).
+        numbers: list[int] = []
+        payloads: list[dict[str, Any]] = []
         problems: list[dict[str, Any]] = []
         for row in source:
             if len(errors) + len(problems) >= MAX_ERRORS:
                 complete, finished = False, True  # stop looking
-                return _read(taken, problems)
+                return _read(numbers, payloads, problems)
             read += 1
             if isinstance(row, RowProblem):
                 problems.extend({**e, "row": row.number} for e in row.errors)
                 continue
-            taken.append(row)
-            if len(taken) >= batch:
-                return _read(taken, problems)
+            numbers.append(row.number)
+            payloads.append(row.payload)
+            if len(numbers) >= batch:
+                return _read(numbers, payloads, problems)
         finished = True
-        return _read(taken, problems) if taken or problems else None
+        return _read(numbers, payloads, problems) if numbers or problems else None
 
-    def _read(taken: list[Row], problems: list[dict[str, Any]]) -> _Batch:
-        payloads = [row.payload for row in taken]
+    def _read(
+        numbers: list[int], payloads: list[dict[str, Any]], problems: list[dict[str, Any]]
+    ) -> _Batch:
         ready = records.read_ahead(connection, model, entity, payloads, caller, cipher)
-        return taken, problems, ready
+        return numbers, problems, ready
 
-    def flush(pending: list[Row], ready: records.ReadAhead, meanwhile: Callable[[], None]) -> None:
+    def flush(pending: list[int], ready: records.ReadAhead, meanwhile: Callable[[], None]) -> None:
         nonlocal created
         try:
             made = records.create_many(
