@@ -901,6 +901,11 @@ def test_a_batch_read_ahead_is_created_as_its_payloads_would_be(tenant):
     assert [(m["name"], m["amount"], m["stage"]) for m in made] == [
         (f"d{i}", f"{i}.50", "lead") for i in range(30)
     ]
+    # The caller's id as owner, creator and updater of every row (binary COPY sends it once).
+    assert {(m["owner_id"], m["created_by"], m["updated_by"]) for m in made} == {
+        (str(CALLER.user_id),) * 3
+    }
+    assert len({m["id"] for m in made}) == 30
 
 
 def test_a_batch_read_ahead_with_bad_payloads_is_refused_in_its_turn_with_worded_errors(tenant):
