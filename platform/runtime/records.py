@@ -21,9 +21,6 @@ from operator import itemgetter
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from psycopg import Copy
-from psycopg.copy import FileWriter, LibpqWriter
-from psycopg.types.string import BytesBinaryDumper
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 from uuid6 import uuid7
@@ -1440,13 +1437,12 @@ def _write_columns(
             binary = None not in types
             if binary:
                 _uuids_as_bytes(cursor, names, constants, types, values, count)
-            params = zip(*values, strict=True)
             statement = f"COPY {target} ({listed}) FROM STDIN" + (
                 " (FORMAT BINARY)" if binary else ""
             )
-            with cursor.copy(statement, writer=LibpqWriter(cursor, flush_threshold=0)) as copy:
-                _copy_rows(cursor, copy, types if binary else None, params)
-                result = meanwhile() if meanwhile else None
+            result = _copy_in(
+                cursor, statement, types if binary else None, zip(*values, strict=True), meanwhile
+            )
         else:
             statement = f"INSERT INTO {target} ({listed}) VALUES ({', '.join('?' * len(names))})"
             cursor.executemany(statement, zip(*values, strict=True))
@@ -1476,6 +1472,8 @@ def _uuids_as_bytes(
     0.4 µs each, and the id's UUID made for it 0.7 µs); its bytes dumper, registered
     on this cursor, is C.
     """
+    from psycopg.types.string import BytesBinaryDumper  # PostgreSQL only: see _copy_in
+
     cursor.adapters.register_dumper(bytes, BytesBinaryDumper)
     for index, name in enumerate(names):
         if types[index] != "uuid":
@@ -1489,25 +1487,35 @@ def _uuids_as_bytes(
             types[index] = "bytea"
 
 
-def _copy_rows(
-    cursor: Any, copy: Copy, types: Sequence[str] | None, rows: Iterable[Sequence[Any]]
-) -> None:
-    """Send rows into a ``COPY ... FROM STDIN`` and hand every byte of them to the server.
+def _copy_in(
+    cursor: Any,
+    statement: str,
+    types: Sequence[str] | None,
+    rows: Iterable[Sequence[Any]],
+    meanwhile: Callable[[], _T] | None,
+) -> _T | None:
+    """Run ``COPY ... FROM STDIN``: send every row to the server, then run ``meanwhile``.
 
     psycopg formats rows into blocks of 32 kB and keeps the last, short one until
-    the COPY ends, and ``copy`` (with ``flush_threshold=0``) waits for each block
-    to leave libpq. Formatting through a second :class:`psycopg.Copy` whose writer
-    is ``copy`` ends with that last block written too, so the server can store
-    every row while ``meanwhile`` runs: kept back, the block (and the server's
-    buffer of rows it flushes when full) left 8-9 ms of a 2,000-row batch's
-    storing to be waited for at the end (decision record 00XX). ``types`` are
-    the columns' types for a binary COPY, None for text.
+    the COPY ends. Formatting through a second :class:`psycopg.Copy` whose writer
+    is the COPY's (``FileWriter``) ends with that block written too, and the COPY's
+    writer (``flush_threshold=0``) waits until libpq has handed each block to the
+    socket, so the server stores every row while ``meanwhile`` runs; kept back, the
+    last block left 8-9 ms of a 2,000-row batch's storing to be waited for at the
+    end (decision record 00XX). ``types`` are the columns' types for a binary COPY,
+    None for text. psycopg is imported here, not with the module, so that a process
+    that only writes SQLite (the embedded default) does not load it (about 9 MB).
     """
-    with Copy(cursor, binary=types is not None, writer=FileWriter(copy)) as formatted:
-        if types is not None:
-            formatted.set_types(types)
-        for row in rows:
-            formatted.write_row(row)
+    from psycopg import Copy
+    from psycopg.copy import FileWriter, LibpqWriter
+
+    with cursor.copy(statement, writer=LibpqWriter(cursor, flush_threshold=0)) as copy:
+        with Copy(cursor, binary=types is not None, writer=FileWriter(copy)) as formatted:
+            if types is not None:
+                formatted.set_types(types)
+            for row in rows:
+                formatted.write_row(row)
+        return meanwhile() if meanwhile else None
 
 
 @functools.lru_cache(maxsize=4096)
