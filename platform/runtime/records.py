@@ -1401,10 +1401,10 @@ def _write_columns(
 ) -> _T | None:
     """Send ``count`` rows, given a column at a time, through the driver connection of ``c``.
 
-    ``constants`` are columns with one value for every row; ``columns`` are read once
-    (an iterator will do). ``meanwhile`` is run
-    once the rows are sent and before the server is waited for (PostgreSQL takes
-    COPY rows as they come), and its result returned. The driver's own bulk
+    ``constants`` are columns with one value for every row; ``columns`` are read
+    once (an iterator will do). ``meanwhile`` is run once the rows are sent and
+    before the server is waited for (PostgreSQL takes COPY rows as they come), and
+    its result returned. The driver's own bulk
     paths skip SQLAlchemy's per-row parameter handling, which cost more than the
     database's work for a 500-row batch; each value goes through its column type's
     bind processing first (a constant once), as it would through an INSERT. A
