@@ -984,3 +984,5 @@ def test_an_import_whose_file_fails_during_a_copy_leaves_nothing_and_the_transac
         )
     assert (read, created) == (120, 120)
     assert counts(tenant) == (before[0] + 2, before[1] + 2)
+    with store.connect() as connection:
+        assert audittrail.verify(connection).ok
