@@ -39,7 +39,8 @@ import difflib
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from operator import itemgetter
+from typing import Any, NamedTuple, TextIO
 
 from sqlalchemy.engine import Connection
 
@@ -91,9 +92,11 @@ class ImportRefused(Exception):
         self.complete = complete
 
 
-@dataclass(frozen=True)
-class Row:
-    """One record of the file: where it starts, and its payload for the record service."""
+class Row(NamedTuple):
+    """One record of the file: where it starts, and its payload for the record service.
+
+    A named tuple: made once per row of a file, which a frozen dataclass made slower.
+    """
 
     number: int
     payload: dict[str, Any]
@@ -330,68 +333,76 @@ def csv_rows(
         if name is not None
     ]
     used = [index for index, name in enumerate(mapping.fields) if name is not None]
-
-    def pick(cells: list[str]) -> Sequence[str]:
-        """Return the cells of the used columns (a file's skipped columns left out)."""
-        return [cells[index] for index in used]
-
+    # The cells of the used columns (a file's skipped columns left out), picked in C.
+    pick: Callable[[list[str]], Sequence[str]] = (
+        itemgetter(*used) if len(used) > 1 else lambda cells: [cells[index] for index in used]
+    )
     names = [name for name, _ in columns]
     readers = [(name, read) for name, read in columns if read is not None]
     width = len(header)
 
     def rows() -> Iterator[Row | RowProblem]:
-        while True:
-            number = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": str(exc)}])
-                return  # the reader cannot find the next record after a broken quote
-            if not any(cells):
-                continue  # a blank line
-            if len(cells) != width:
-                message = f"has {len(cells)} cells; the header has {width} columns"
-                yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": message}])
-                continue
-            picked = pick(cells)
-            joined = "\x1f".join(picked)
-            if (
-                "\x00" not in joined
-                and "\x1f'" not in joined
-                and joined[:1] != "'"
-                and len(joined) <= MAX_CELL
-            ):
-                # The usual row: no cell to refuse or to restore (checked over the row
-                # in C), so only the cells some reader converts cost a call.
-                payload = {name: cell for name, cell in zip(names, picked, strict=True) if cell}
-                for name, read in readers:
-                    if name in payload:
-                        payload[name] = read(payload[name])
-                yield Row(number, payload)
-                continue
-            payload = {}
-            problems = []
-            for (name, read), cell in zip(columns, picked, strict=True):
-                if not cell:
+        last = reader.line_num
+        try:
+            for cells in reader:
+                # A record starts on the line after the previous one ended.
+                number, last = last + 1, reader.line_num
+                if not any(cells):
+                    continue  # a blank line
+                if len(cells) != width:
+                    message = f"has {len(cells)} cells; the header has {width} columns"
+                    yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": message}])
                     continue
-                if "\x00" in cell or len(cell) > MAX_CELL:
-                    problems.append(
-                        {
-                            "pointer": f"/rows/{number}/{name}",
-                            "message": "must not contain the NUL character"
-                            if "\x00" in cell
-                            else f"is longer than {MAX_CELL} characters",
-                        }
-                    )
+                picked = pick(cells)
+                joined = "\x1f".join(picked)
+                if (
+                    "\x00" not in joined
+                    and "\x1f'" not in joined
+                    and joined[:1] != "'"
+                    and len(joined) <= MAX_CELL
+                ):
+                    # The usual row: no cell to refuse or to restore (checked over the row
+                    # in C), so only the cells some reader converts cost a call.
+                    payload = dict(zip(names, picked, strict=True))
+                    if "" in picked:
+                        payload = {name: cell for name, cell in payload.items() if cell}
+                    for name, read in readers:
+                        if name in payload:
+                            payload[name] = read(payload[name])
+                    yield Row(number, payload)
                     continue
-                if cell[0] == "'":
-                    cell = spreadsheet.restore(cell)
-                payload[name] = cell if read is None else read(cell)
-            yield RowProblem(number, problems) if problems else Row(number, payload)
+                yield _row_by_cells(number, columns, picked)
+        except csv.Error as exc:
+            # The reader cannot find the next record after a broken quote.
+            number = last + 1
+            yield RowProblem(number, [{"pointer": f"/rows/{number}", "message": str(exc)}])
 
     return mapping, rows()
+
+
+def _row_by_cells(
+    number: int, columns: Sequence[tuple[str, Callable[[str], Any] | None]], picked: Sequence[str]
+) -> Row | RowProblem:
+    """Read a row cell by cell: one with a NUL, an over-long or a defused (``'``) cell."""
+    payload: dict[str, Any] = {}
+    problems = []
+    for (name, read), cell in zip(columns, picked, strict=True):
+        if not cell:
+            continue
+        if "\x00" in cell or len(cell) > MAX_CELL:
+            problems.append(
+                {
+                    "pointer": f"/rows/{number}/{name}",
+                    "message": "must not contain the NUL character"
+                    if "\x00" in cell
+                    else f"is longer than {MAX_CELL} characters",
+                }
+            )
+            continue
+        if cell[0] == "'":
+            cell = spreadsheet.restore(cell)
+        payload[name] = cell if read is None else read(cell)
+    return RowProblem(number, problems) if problems else Row(number, payload)
 
 
 def lines(text: str) -> Iterator[str]:
@@ -431,18 +442,28 @@ def jsonl_rows(source: Iterable[str]) -> Iterator[Row | RowProblem]:
 # -- storing ------------------------------------------------------------------------------
 
 
-def _row_errors(rows: Sequence[Row], errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Map the service's bulk pointers (``/3/name``) to the file's rows (``/rows/42/name``)."""
+def _row_errors(
+    numbers: Sequence[int], errors: Iterable[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Map the service's bulk pointers (``/3/name``) to the file's rows (``/rows/42/name``).
+
+    ``numbers`` are the rows of the batch, in order.
+    """
     mapped = []
     for error in errors:
         index, _, rest = str(error.get("pointer", "")).lstrip("/").partition("/")
-        if index.isdigit() and int(index) < len(rows):
-            number = rows[int(index)].number
+        if index.isdigit() and int(index) < len(numbers):
+            number = numbers[int(index)]
             pointer = f"/rows/{number}/{rest}" if rest else f"/rows/{number}"
             mapped.append({"pointer": pointer, "row": number, "message": error["message"]})
         else:
             mapped.append(dict(error))
     return mapped
+
+
+#: A batch of an import: its rows' numbers, the problems of rows read with them, and its
+#: payloads read ahead.
+_Batch = tuple[list[int], list[dict[str, Any]], records.ReadAhead]
 
 
 def import_rows(
@@ -471,35 +492,47 @@ def import_rows(
     finished = False
     source = iter(rows)
 
-    def take() -> tuple[list[Row], list[dict[str, Any]]] | None:
-        """Read the next batch's rows and the problems of the rows read with them."""
+    def take() -> _Batch | None:
+        """Read the next batch's rows, the problems of the rows read with them, and their
+        payloads as far as that needs no database (:func:`records.read_ahead`)."""
         nonlocal read, complete, finished
         if finished:
             return None
-        taken: list[Row] = []
+        # Row numbers and payloads, not the rows: a row then lives only as long as it is
+        # read, and the garbage collector does not carry a batch of them from one
+        # generation to the next (each full collection walks every object of the process).
+        numbers: list[int] = []
+        payloads: list[dict[str, Any]] = []
         problems: list[dict[str, Any]] = []
         for row in source:
             if len(errors) + len(problems) >= MAX_ERRORS:
                 complete, finished = False, True  # stop looking
-                return taken, problems
+                return _read(numbers, payloads, problems)
             read += 1
             if isinstance(row, RowProblem):
                 problems.extend({**e, "row": row.number} for e in row.errors)
                 continue
-            taken.append(row)
-            if len(taken) >= batch:
-                return taken, problems
+            numbers.append(row.number)
+            payloads.append(row.payload)
+            if len(numbers) >= batch:
+                return _read(numbers, payloads, problems)
         finished = True
-        return (taken, problems) if taken or problems else None
+        return _read(numbers, payloads, problems) if numbers or problems else None
 
-    def flush(pending: list[Row], meanwhile: Callable[[], None]) -> None:
+    def _read(
+        numbers: list[int], payloads: list[dict[str, Any]], problems: list[dict[str, Any]]
+    ) -> _Batch:
+        ready = records.read_ahead(connection, model, entity, payloads, caller, cipher)
+        return numbers, problems, ready
+
+    def flush(pending: list[int], ready: records.ReadAhead, meanwhile: Callable[[], None]) -> None:
         nonlocal created
         try:
             made = records.create_many(
                 connection,
                 model,
                 entity,
-                [row.payload for row in pending],
+                ready,
                 caller,
                 cipher,
                 bulk=True,
@@ -514,12 +547,13 @@ def import_rows(
     try:
         upcoming = take()
         while upcoming is not None:
-            pending, problems = upcoming
+            pending, problems, ready = upcoming
             errors.extend(problems)
-            ahead: list[tuple[list[Row], list[dict[str, Any]]] | None] = []
+            ahead: list[_Batch | None] = []
             if pending and complete:
-                # The next batch is read from the file while the server stores this one.
-                flush(pending, lambda found=ahead: found.append(take()))
+                # The next batch is read from the file and checked while the server stores
+                # this one.
+                flush(pending, ready, lambda found=ahead: found.append(take()))
             upcoming = ahead[0] if ahead else take()
     except BaseException:
         savepoint.rollback()

@@ -15,7 +15,7 @@ import difflib
 import functools
 import itertools
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, TypeVar
@@ -43,6 +43,7 @@ from metacrm.runtime.recordview import (
     cached_select_columns,
     column_resolver,
     json_value,
+    json_values,
     rows_to_json,
     select_columns,
 )
@@ -676,11 +677,13 @@ def _check_unique(
     return errors
 
 
-def _check_rules(c: _Context, ids: Sequence[tuple[str, uuid.UUID]]) -> list[dict]:
+def _check_rules(c: _Context, ids: Iterable[tuple[str, uuid.UUID]]) -> list[dict]:
     """Check validation rules and pipeline stage requirements in SQL, after the write.
 
     SQL sees formulas and one lookup hop exactly as lists and filters do. A rule
     fails when its expression is false; null passes, as with a CHECK constraint.
+    ``ids`` (pointer, record id) is read only when there is something to check, so a
+    bulk create may pass a generator.
     """
     checks = []
     ctx = c.eval_context()
@@ -1013,12 +1016,45 @@ def _integrity(c: _Context, exc: sa.exc.IntegrityError, pointer: str = "") -> Re
 _STAMPS = ("created_at", "created_by", "updated_at", "updated_by", "version")
 
 
+@dataclass
+class ReadAhead:
+    """A grouped bulk create's payloads, read before their turn (:func:`read_ahead`)."""
+
+    context: _Context
+    items: Sequence[Any]
+    #: The payloads read a field at a time, or None when the per-row path must read them.
+    columns: _Columns | None
+    #: What the column path writes that needs no database (None with ``columns``).
+    staged: _Staged | None
+
+
+def read_ahead(
+    connection: Connection,
+    model: TenantModel,
+    entity: EntityModel,
+    items: Sequence[Any],
+    caller: Caller,
+    cipher: FieldCipher,
+) -> ReadAhead:
+    """Do the part of a grouped bulk create that needs no database, for a later call.
+
+    ``create_many(..., bulk=True, grouped=True)`` given the answer instead of the
+    payloads does the rest. An import reads its next batch this way while the
+    server is still storing the current one, so that the two overlap; a batch
+    this reading refuses is read payload by payload in its turn, as always, and
+    its errors are worded and raised then.
+    """
+    c = _context(connection, model, entity, caller, cipher)
+    columns = _read_columns(c, items)
+    return ReadAhead(c, items, columns, None if columns is None else _stage(c, columns))
+
+
 @_in_savepoint
 def create_many(
     connection: Connection,
     model: TenantModel,
     entity: EntityModel,
-    items: Sequence[Any],
+    items: Sequence[Any] | ReadAhead,
     caller: Caller,
     cipher: FieldCipher,
     *,
@@ -1035,14 +1071,22 @@ def create_many(
     instead of one each: an import writes thousands of records a second, and an
     entry of its own per record cost more than the record. ``meanwhile`` (imports:
     reading the file's next batch) may be run while the server stores a grouped
-    batch's rows, or not at all.
+    batch's rows, or not at all. ``items`` may be a :func:`read_ahead` of the
+    payloads (grouped bulk creates only), made with the same arguments.
     """
-    c = _context(connection, model, entity, caller, cipher)
+    if isinstance(items, ReadAhead):
+        if not (bulk and grouped):
+            raise TypeError("a read-ahead batch is for grouped bulk creates")
+        c, columns, staged, items = items.context, items.columns, items.staged, items.items
+        c.connection = connection  # the savepoint's connection (the same transaction)
+    else:
+        c = _context(connection, model, entity, caller, cipher)
+        columns = _read_columns(c, items) if bulk else None
+        staged = None
     prepared: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, str]] = []
-    columns = _read_columns(c, items) if bulk else None
     if columns is not None and grouped:
-        return _create_columns(c, columns, returning, meanwhile)
+        return _create_columns(c, staged or _stage(c, columns), returning, meanwhile)
     batch = None if columns is None else columns.rows()
     if batch is not None:
         prepared = [(f"/{index}", values) for index, values in enumerate(batch)]
@@ -1116,9 +1160,44 @@ def create_many(
     return _fetch_many(connection, shown_model, shown, [r for _, r in created], c.eval_context())
 
 
+@dataclass
+class _Staged:
+    """A grouped bulk create's columns as they are written (:func:`_stage`)."""
+
+    #: Every field's column, defaults filled in (:meth:`_Columns.filled`).
+    names: list[str]
+    columns: list[list[Any]]
+    #: The records' ids as the integers of their UUIDs (:func:`_new_ids`).
+    ids: range
+    #: The table's columns of those fields (related-to pairs, ciphertext).
+    stored: dict[str, list[Any]]
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+def _stage(c: _Context, batch: _Columns) -> _Staged:
+    """Return what a grouped bulk create writes that needs no database: ids and columns."""
+    names, columns = batch.filled()
+    stored: dict[str, list[Any]] = {}
+    unlike = _unlike_columns(c.entity)
+    for name, column in zip(names, columns, strict=True):
+        if name not in unlike:
+            stored[name] = column
+            continue
+        kind = c.entity.entity.fields[name].type
+        if kind == "related_to":
+            stored[f"{name}_entity"] = [None if v is None else v[0] for v in column]
+            stored[f"{name}_id"] = [None if v is None else v[1] for v in column]
+        elif kind == "encrypted_text":
+            stored[name] = [None if v is None else c.cipher.encrypt(v) for v in column]
+    return _Staged(names, columns, _new_ids(batch.count), stored)
+
+
 def _create_columns(
     c: _Context,
-    batch: _Columns,
+    batch: _Staged,
     returning: bool,
     meanwhile: Callable[[], object] | None = None,
 ) -> list[dict[str, Any]]:
@@ -1131,7 +1210,7 @@ def _create_columns(
     caller's and in the caller's team.
     """
     entity, caller = c.entity, c.caller
-    names, columns = batch.filled()
+    names, columns, ids = batch.names, batch.columns, batch.ids
     if _reference_fields(entity) or _unique_fields(entity):
         prepared = [
             (f"/{index}", dict(zip(names, row, strict=True)))
@@ -1141,7 +1220,6 @@ def _create_columns(
         errors.extend(_check_unique(c, [(p, v, None) for p, v in prepared]))
         if errors:
             raise _refused(c, errors)
-    ids = _new_ids(batch.count)
     numbers = {
         f.name: _next_numbers(c, f, batch.count)
         for f in entity.entity.active_fields()
@@ -1152,18 +1230,10 @@ def _create_columns(
         owner_id=caller.user_id,
         team_id=caller.team_id,
     )
-    stored: dict[str, list[Any]] = {"id": ids, **numbers}
-    unlike = _unlike_columns(entity)
-    for name, column in zip(names, columns, strict=True):
-        if name not in unlike:
-            stored[name] = column
-            continue
-        kind = entity.entity.fields[name].type
-        if kind == "related_to":
-            stored[f"{name}_entity"] = [None if v is None else v[0] for v in column]
-            stored[f"{name}_id"] = [None if v is None else v[1] for v in column]
-        elif kind == "encrypted_text":
-            stored[name] = [None if v is None else c.cipher.encrypt(v) for v in column]
+    # The id column's UUIDs are made as COPY takes them (or not at all, see _IdColumn):
+    # kept for the batch, 2,000 of them outlived young garbage collections and made
+    # full ones more frequent.
+    stored: dict[str, Iterable[Any]] = {"id": _IdColumn(ids), **numbers, **batch.stored}
     audited = _audited_fields(entity)
 
     def audit_logs() -> tuple[list[str], list[Any], audittrail.Prepared]:
@@ -1172,7 +1242,7 @@ def _create_columns(
             for name, column in zip(names, columns, strict=True)
         }
         values.update(numbers)
-        keys = list(map(str, ids))
+        keys = list(map(_uuid_text, ids))
         logs = _group_logs(c, "create", keys, values, 1)
         prepared = audittrail.prepare([entry for _, entry in logs])
         if meanwhile is not None:
@@ -1190,25 +1260,26 @@ def _create_columns(
                 if name in entity.links
             ]
             for index, record_id in enumerate(ids):
-                _write_relations(c, record_id, {name: column[index] for name, column in linked})
+                values = {name: column[index] for name, column in linked}
+                _write_relations(c, _uuid(record_id), values)
     except sa.exc.IntegrityError as exc:
         raise _refused(c, _integrity(c, exc).errors) from None
-    errors = _check_rules(c, [(f"/{index}", record_id) for index, record_id in enumerate(ids)])
+    errors = _check_rules(c, ((f"/{index}", _uuid(n)) for index, n in enumerate(ids)))
     if errors:
         raise _refused(c, errors)
     _write_logs(c, logs, prepared=prepared)
     if not returning:
         return [{"id": key} for key in keys]
     shown_model, shown = _shown(c)
-    return _fetch_many(c.connection, shown_model, shown, ids, c.eval_context())
+    return _fetch_many(c.connection, shown_model, shown, list(map(_uuid, ids)), c.eval_context())
 
 
 #: The random bits of a UUIDv7 below its variant (RFC 9562's ``rand_b``).
 _RAND_B = (1 << 62) - 1
 
 
-def _new_ids(count: int) -> list[uuid.UUID]:
-    """Return ``count`` new record ids: UUIDv7s in ascending order.
+def _new_ids(count: int) -> range:
+    """Return ``count`` new record ids: the integers of UUIDv7s in ascending order.
 
     One UUIDv7 is drawn and its random part counted up for the rest, which RFC
     9562 allows for ids made together (its "monotonic random" method); drawing
@@ -1218,14 +1289,43 @@ def _new_ids(count: int) -> list[uuid.UUID]:
     while True:
         first = uuid7().int
         if (first & _RAND_B) + count <= _RAND_B:  # never carries into the variant bits
-            return [uuid.UUID(int=first + n) for n in range(count)]
+            return range(first, first + count)
+
+
+def _uuid(value: int) -> uuid.UUID:
+    """Return the UUID of an integer from :func:`_new_ids`."""
+    return uuid.UUID(int=value)
+
+
+@dataclass(frozen=True)
+class _IdColumn:
+    """A column of new record ids, held as their integers (:func:`_new_ids`).
+
+    Iterated it gives UUIDs, made one at a time; a binary COPY takes the ids' 16
+    bytes without making them (:func:`_uuids_as_bytes`).
+    """
+
+    ids: range
+
+    def __iter__(self) -> Iterator[uuid.UUID]:
+        return map(_uuid, self.ids)
+
+    def binary(self) -> Iterator[bytes]:
+        """Return each id's 16 bytes, its binary COPY form (made in C)."""
+        return map(int.to_bytes, self.ids, itertools.repeat(16), itertools.repeat("big"))
+
+
+def _uuid_text(value: int) -> str:
+    """Return ``str(uuid.UUID(int=value))`` without making the UUID."""
+    digits = f"{value:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 def _audit_column(f: FieldDef, column: list[Any]) -> list[Any]:
     """Return a column of one field's values as the audit trail keeps them."""
     if f.type == "encrypted_text" or f.type == "related_to":
         return [_audit_value(f, value) for value in column]
-    return list(map(json_value, column))
+    return json_values(column)
 
 
 #: Field types whose values are already the JSON the audit trail keeps (text, numbers).
@@ -1295,15 +1395,16 @@ def _write_rows(
 def _write_columns(
     c: _Context,
     constants: Mapping[str, Any],
-    columns: Mapping[str, list[Any]],
+    columns: Mapping[str, Iterable[Any]],
     count: int,
     meanwhile: Callable[[], _T] | None = None,
 ) -> _T | None:
     """Send ``count`` rows, given a column at a time, through the driver connection of ``c``.
 
-    ``constants`` are columns with one value for every row. ``meanwhile`` is run
-    once the rows are sent and before the server is waited for (PostgreSQL takes
-    COPY rows as they come), and its result returned. The driver's own bulk
+    ``constants`` are columns with one value for every row; ``columns`` are read
+    once (an iterator will do). ``meanwhile`` is run once the rows are sent and
+    before the server is waited for (PostgreSQL takes COPY rows as they come), and
+    its result returned. The driver's own bulk
     paths skip SQLAlchemy's per-row parameter handling, which cost more than the
     database's work for a 500-row batch; each value goes through its column type's
     bind processing first (a constant once), as it would through an INSERT. A
@@ -1323,7 +1424,6 @@ def _write_columns(
         else:
             column = columns[name]
             values.append(list(map(process, column)) if process else column)
-    params = zip(*values, strict=True)
     quote = dialect.identifier_preparer.quote
     target = quote(c.table.name)
     schema = (c.connection.get_execution_options().get("schema_translate_map") or {}).get(None)
@@ -1335,18 +1435,17 @@ def _write_columns(
         if dialect.name == "postgresql":
             types = [_binary_copy_type(c.table.c[name], dialect) for name in names]
             binary = None not in types
+            if binary:
+                _uuids_as_bytes(cursor, names, constants, types, values, count)
             statement = f"COPY {target} ({listed}) FROM STDIN" + (
                 " (FORMAT BINARY)" if binary else ""
             )
-            with cursor.copy(statement) as copy:
-                if binary:
-                    copy.set_types(types)
-                for row in params:
-                    copy.write_row(row)
-                result = meanwhile() if meanwhile else None
+            result = _copy_in(
+                cursor, statement, types if binary else None, zip(*values, strict=True), meanwhile
+            )
         else:
             statement = f"INSERT INTO {target} ({listed}) VALUES ({', '.join('?' * len(names))})"
-            cursor.executemany(statement, params)
+            cursor.executemany(statement, zip(*values, strict=True))
             result = meanwhile() if meanwhile else None
     except c.connection.dialect.loaded_dbapi.Error as exc:
         # SQLAlchemy's own handling: the same exception classes as an INSERT would
@@ -1356,6 +1455,67 @@ def _write_columns(
     finally:
         cursor.close()
     return result
+
+
+def _uuids_as_bytes(
+    cursor: Any,
+    names: Sequence[str],
+    constants: Mapping[str, Any],
+    types: list[str | None],
+    values: list[Iterable[Any]],
+    count: int,
+) -> None:
+    """Send a binary COPY's uuid constants (owner, creator, updater) and new ids as bytes.
+
+    A uuid's binary COPY form is its 16 bytes, which is what ``bytea`` sends for
+    bytes. psycopg's uuid dumper is Python, called once per row and column (about
+    0.4 µs each, and the id's UUID made for it 0.7 µs); its bytes dumper, registered
+    on this cursor, is C.
+    """
+    from psycopg.types.string import BytesBinaryDumper  # PostgreSQL only: see _copy_in
+
+    cursor.adapters.register_dumper(bytes, BytesBinaryDumper)
+    for index, name in enumerate(names):
+        if types[index] != "uuid":
+            continue
+        value, column = constants.get(name), values[index]
+        if isinstance(value, uuid.UUID):
+            values[index] = itertools.repeat(value.bytes, count)
+            types[index] = "bytea"
+        elif isinstance(column, _IdColumn):
+            values[index] = column.binary()
+            types[index] = "bytea"
+
+
+def _copy_in(
+    cursor: Any,
+    statement: str,
+    types: Sequence[str] | None,
+    rows: Iterable[Sequence[Any]],
+    meanwhile: Callable[[], _T] | None,
+) -> _T | None:
+    """Run ``COPY ... FROM STDIN``: send every row to the server, then run ``meanwhile``.
+
+    psycopg formats rows into blocks of 32 kB and keeps the last, short one until
+    the COPY ends. Formatting through a second :class:`psycopg.Copy` whose writer
+    is the COPY's (``FileWriter``) ends with that block written too, and the COPY's
+    writer (``flush_threshold=0``) waits until libpq has handed each block to the
+    socket, so the server stores every row while ``meanwhile`` runs; kept back, the
+    last block left 8-9 ms of a 2,000-row batch's storing to be waited for at the
+    end (decision record 0018). ``types`` are the columns' types for a binary COPY,
+    None for text. psycopg is imported here, not with the module, so that a process
+    that only writes SQLite (the embedded default) does not load it (about 9 MB).
+    """
+    from psycopg import Copy
+    from psycopg.copy import FileWriter, LibpqWriter
+
+    with cursor.copy(statement, writer=LibpqWriter(cursor, flush_threshold=0)) as copy:
+        with Copy(cursor, binary=types is not None, writer=FileWriter(copy)) as formatted:
+            if types is not None:
+                formatted.set_types(types)
+            for row in rows:
+                formatted.write_row(row)
+        return meanwhile() if meanwhile else None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -138,6 +138,17 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
+def json_values(values: list[Any]) -> list[Any]:
+    """Return stored values as JSON, ``json_value`` of each, for a column of them.
+
+    A column of one type (checked in C) maps that type's converter over it, with
+    no look-up per value (an import's audit columns).
+    """
+    kinds = set(map(type, values))
+    convert = _CONVERTERS.get(kinds.pop()) if len(kinds) == 1 else None
+    return list(map(convert or json_value, values))
+
+
 #: What a raw column is selected as: a type without result processing, so the
 #: driver's value arrives as it is.
 _UNPROCESSED = sa.types.NullType()
