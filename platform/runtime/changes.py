@@ -156,39 +156,66 @@ class _Listener:
 
 
 class _DataVersion:
-    """A SQLite file's ``PRAGMA data_version``, read on a connection of the watch's own.
+    """A SQLite file's ``PRAGMA data_version``, read on connections of the watch's own.
 
     The file is opened read-only, so a watch never creates a database, and it
     belongs to one engine: a tenant deleted and made again gets a new engine,
     hence a new watch whose marks match nothing cached before.
+
+    ``data_version`` is per connection: it changes when another connection has
+    committed since this one last asked. Each request asks (twice: the control
+    database and its tenant's), and one shared connection behind a lock made
+    the threads of a worker queue for it. So each asker borrows an idle
+    connection (a new one when none is idle), and the mark is a generation
+    shared by all of them, moved on whenever a connection sees its value change
+    or looks for the first time. A commit that ended before a mark is asked for
+    is seen by the connection asking (it last looked before the commit, or
+    whoever looked since moved the generation on), so the mark differs from
+    every mark given before the commit; a commit costs at most one extra move
+    per idle connection, each a cache read again.
     """
 
     def __init__(self, path: str) -> None:
-        self._connection: sqlite3.Connection | None = None
         self._path = path
+        self._idle: list[tuple[sqlite3.Connection, int]] = []
+        self._generation = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._serial = next(_serials)
 
     def mark(self, topic: str) -> Hashable | None:
         with self._lock:
-            try:
-                if self._connection is None:
-                    self._connection = sqlite3.connect(
-                        f"file:{quote(self._path)}?mode=ro",
-                        uri=True,
-                        check_same_thread=False,
-                        isolation_level=None,
-                    )
-                (value,) = self._connection.execute("PRAGMA data_version").fetchone()
-            except sqlite3.Error:
-                return None
-        return (self._serial, value)
+            connection, seen = self._idle.pop() if self._idle else (None, None)
+        try:
+            if connection is None:
+                connection = sqlite3.connect(
+                    f"file:{quote(self._path)}?mode=ro",
+                    uri=True,
+                    check_same_thread=False,
+                    isolation_level=None,
+                )
+            (value,) = connection.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:
+            if connection is not None:
+                connection.close()
+            return None
+        with self._lock:
+            if value != seen:
+                self._generation += 1
+            generation = self._generation
+            if not self._closed:
+                self._idle.append((connection, value))
+                connection = None
+        if connection is not None:
+            connection.close()
+        return (self._serial, generation)
 
     def close(self) -> None:
         with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            connection.close()
 
 
 #: PostgreSQL listeners are per process and per database: platforms on one URL share one,
