@@ -239,24 +239,24 @@ class ReadConnections:
                 connection.rollback()
             except sa.exc.DBAPIError:
                 usable = False
-        if usable:
-            with self._lock:
-                idle = self._idle.get(engine)
-                first = idle is None
-                if idle is None:
-                    idle = self._idle[engine] = []
-                if len(idle) < min(self._keep, engine.pool.size()):
-                    idle.append(kept)
-                    kept = None
-            if first and not event.contains(engine, "engine_disposed", self._drop):
-                event.listen(engine, "engine_disposed", self._drop)
-            if kept is None:
-                return
-            connection.close()  # more idle than kept: back to the pool
+        if not usable:
+            if connection.invalidated:
+                self._drop(engine)
+            self._end(kept)
             return
-        if connection.invalidated:
-            self._drop(engine)
-        self._end(kept)
+        with self._lock:
+            idle = self._idle.get(engine)
+            if idle is None:
+                idle = self._idle[engine] = []
+                # Registered once per engine; a disposal pops the list, and the next
+                # keep lands here again, hence the check.
+                if not event.contains(engine, "engine_disposed", self._drop):
+                    event.listen(engine, "engine_disposed", self._drop)
+            keeping = len(idle) < min(self._keep, engine.pool.size())
+            if keeping:
+                idle.append(kept)
+        if not keeping:
+            connection.close()  # more idle than kept: back to the pool
 
     def _drop(self, engine: Engine) -> None:
         """End the idle connections of ``engine`` (disposed, or its server was lost)."""

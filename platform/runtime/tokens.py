@@ -264,15 +264,22 @@ def _accept(found: _Found | None, secret: str) -> tuple[Principal, Tenant] | Non
     if found is None:
         return None
     token, user, membership, tenant = found
-    if not hmac.compare_digest(token.secret_hash, _digest(secret)):
-        return None
-    if token.revoked_at is not None:
-        return None
-    if token.expires_at is not None and token.expires_at <= utcnow():
+    if not _presented_now(token, secret) or token.revoked_at is not None:
         return None
     if not user.is_active or not membership.is_active:
         return None
     return Principal(user, membership, token=token), tenant
+
+
+def _presented_now(token: ApiToken, secret: str) -> bool:
+    """Tell whether ``secret`` is the token's and the token has not expired yet.
+
+    What must be checked on every use, cached or not; the rest of ``_accept``
+    holds as long as the rows it read do.
+    """
+    if not hmac.compare_digest(token.secret_hash, _digest(secret)):
+        return False
+    return token.expires_at is None or token.expires_at > utcnow()
 
 
 def authenticate_with_tenant(
@@ -328,7 +335,7 @@ class TokenCache:
                 # A failed attempt must not evict live entries, nor leave a stale one.
                 self._entries.pop(key, None)
             else:
-                self._entries[key] = _Entry(now_mark, found, accepted)
+                self._entries[key] = _Entry(now_mark, accepted)
                 self._entries.move_to_end(key)
                 while len(self._entries) > self._size:
                     self._entries.popitem(last=False)
@@ -336,7 +343,7 @@ class TokenCache:
 
 
 class _Entry:
-    """A token's rows as read under ``mark``, and what they were accepted as then.
+    """What a token's rows, read under ``mark``, were accepted as.
 
     While the mark holds, the revocation and the live flags of the token, its
     login and its membership are what was read, so a later use only checks the
@@ -344,20 +351,16 @@ class _Entry:
     the request path keys its own caches on (``api.context.access``).
     """
 
-    __slots__ = ("accepted", "found", "mark")
+    __slots__ = ("accepted", "mark")
 
-    def __init__(self, mark: Hashable, found: _Found, accepted: tuple[Principal, Tenant]) -> None:
+    def __init__(self, mark: Hashable, accepted: tuple[Principal, Tenant]) -> None:
         self.mark = mark
-        self.found = found
         self.accepted = accepted
 
     def accept(self, secret: str) -> tuple[Principal, Tenant] | None:
-        token = self.found[0]
-        if not hmac.compare_digest(token.secret_hash, _digest(secret)):
-            return None
-        if token.expires_at is not None and token.expires_at <= utcnow():
-            return None
-        return self.accepted
+        token = self.accepted[0].token
+        assert token is not None, "a token's principal names its token"
+        return self.accepted if _presented_now(token, secret) else None
 
 
 def record_use(engine: sa.Engine, token: ApiToken) -> None:

@@ -117,19 +117,15 @@ def _resolve_login(slug: str) -> RequestContext:
 def access(context: RequestContext, model: TenantModel) -> authz.Access:
     """Return what the request's caller may do under the tenant's current model.
 
-    Built once per principal and model (a token's principal outlives its request,
-    see ``Principal.memo``), and again only if the request saw a newer version;
-    every check of the request, from the 403 to the WHERE clause, asks this one.
+    Built once per principal and model and kept on the principal
+    (``Principal.memo``): a login session's lives for its request, a token's for
+    as long as the token cache holds its rows. Every check of a request, from
+    the 403 to the WHERE clause, asks this one; a newer version builds it again.
     """
-    cached = g.get("metacrm_access")
-    if cached is not None and cached.policy.version == model.version:
-        return cached
     principal = context.principal
     known = principal.memo.get("access")
     if known is not None and known[0] is model:
-        found = known[1]
-    else:
-        found = authz.for_principal(principal, model, platform().control_engine)
-        principal.memo["access"] = (model, found)
-    g.metacrm_access = found
+        return known[1]
+    found = authz.for_principal(principal, model, platform().control_engine)
+    principal.memo["access"] = (model, found)
     return found

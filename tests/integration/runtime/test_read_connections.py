@@ -8,195 +8,160 @@ or lost is not kept, and disposing of an engine closes what it kept.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
+import pytest
 import sqlalchemy as sa
 
 from metacrm.runtime.database import ReadConnections, create_engine
 
 
-def _engine(backend: str, tmp_path, pg_url: str | None) -> sa.Engine:
+@pytest.fixture
+def engine(backend: str, tmp_path, request: pytest.FixtureRequest) -> Iterator[sa.Engine]:  # noqa: ANN001
+    """An engine on the test's backend (a SQLite file: its pool hands connections on)."""
     if backend == "postgresql":
-        return create_engine(pg_url)
-    return create_engine(f"sqlite:///{tmp_path / 'reads.db'}")
+        made = create_engine(request.getfixturevalue("pg_url"))
+    else:
+        made = create_engine(f"sqlite:///{tmp_path / 'reads.db'}")
+    yield made
+    made.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
+    made = create_engine(pg_url)
+    yield made
+    made.dispose()
+
+
+@pytest.fixture
+def reads() -> ReadConnections:
+    return ReadConnections()
 
 
 def _driver(connection: sa.Connection):
     return connection.connection.dbapi_connection
 
 
-def test_a_read_reuses_the_connection_the_last_read_gave_back(backend, tmp_path, request):
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
-    try:
-        with reads.borrow(engine) as first:
-            seen = _driver(first)
-            assert first.exec_driver_sql("SELECT 1").scalar() == 1
-        with reads.borrow(engine) as second:
-            assert _driver(second) is seen
-            assert second.exec_driver_sql("SELECT 2").scalar() == 2
-        # Kept out of the pool, not in it.
-        assert engine.pool.checkedout() == 1
-    finally:
-        engine.dispose()
+def test_a_read_reuses_the_connection_the_last_read_gave_back(engine, reads):
+    with reads.borrow(engine) as first:
+        seen = _driver(first)
+        assert first.exec_driver_sql("SELECT 1").scalar() == 1
+    with reads.borrow(engine) as second:
+        assert _driver(second) is seen
+        assert second.exec_driver_sql("SELECT 2").scalar() == 2
+    # Kept out of the pool, not in it.
+    assert engine.pool.checkedout() == 1
 
 
-def test_each_read_sees_writes_committed_since_the_last(backend, tmp_path, request):
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
-    try:
-        with engine.begin() as connection:
-            connection.exec_driver_sql("CREATE TABLE counter (n integer)")
-            connection.exec_driver_sql("INSERT INTO counter VALUES (1)")
-        for expected in (1, 2, 3):
-            with reads.borrow(engine) as connection:
-                assert connection.exec_driver_sql("SELECT n FROM counter").scalar() == expected
-                # No transaction (PostgreSQL) or snapshot (SQLite) outlives the read.
-            with engine.begin() as writer:
-                writer.exec_driver_sql("UPDATE counter SET n = n + 1")
-        if backend == "postgresql":
-            with engine.connect() as probe:
-                states = probe.exec_driver_sql(
-                    "SELECT state FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                ).scalars()
-                assert "idle in transaction" not in set(states)
-    finally:
-        engine.dispose()
+def test_each_read_sees_writes_committed_since_the_last(engine, reads):
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE counter (n integer)")
+        connection.exec_driver_sql("INSERT INTO counter VALUES (1)")
+    for expected in (1, 2, 3):
+        with reads.borrow(engine) as connection:
+            assert connection.exec_driver_sql("SELECT n FROM counter").scalar() == expected
+            # No transaction (PostgreSQL) or snapshot (SQLite) outlives the read.
+        with engine.begin() as writer:
+            writer.exec_driver_sql("UPDATE counter SET n = n + 1")
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as probe:
+            states = probe.exec_driver_sql(
+                "SELECT state FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalars()
+            assert "idle in transaction" not in set(states)
 
 
-def test_postgresql_reads_run_in_autocommit(pg_url):
-    engine, reads = create_engine(pg_url), ReadConnections()
-    try:
-        for _ in range(2):
-            with reads.borrow(engine) as connection:
-                assert connection.get_execution_options()["isolation_level"] == "AUTOCOMMIT"
-                assert _driver(connection).autocommit is True
-        with engine.connect() as other:  # the pool's own connections are untouched
-            assert _driver(other).autocommit is False
-    finally:
-        engine.dispose()
+def test_postgresql_reads_run_in_autocommit(pg_engine, reads):
+    for _ in range(2):
+        with reads.borrow(pg_engine) as connection:
+            assert connection.get_execution_options()["isolation_level"] == "AUTOCOMMIT"
+            assert _driver(connection).autocommit is True
+    with pg_engine.connect() as other:  # the pool's own connections are untouched
+        assert _driver(other).autocommit is False
 
 
-def test_nested_reads_get_different_connections(backend, tmp_path, request):
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
-    try:
-        with reads.borrow(engine) as outer, reads.borrow(engine) as inner:
-            assert _driver(outer) is not _driver(inner)
-        with reads.borrow(engine) as a, reads.borrow(engine) as b:
-            assert {id(_driver(a)), id(_driver(b))} == {id(_driver(outer)), id(_driver(inner))}
-    finally:
-        engine.dispose()
+def test_nested_reads_get_different_connections(engine, reads):
+    with reads.borrow(engine) as outer, reads.borrow(engine) as inner:
+        assert _driver(outer) is not _driver(inner)
+    with reads.borrow(engine) as a, reads.borrow(engine) as b:
+        assert {id(_driver(a)), id(_driver(b))} == {id(_driver(outer)), id(_driver(inner))}
 
 
-def test_no_more_are_kept_than_the_limit(tmp_path):
-    engine, reads = _engine("sqlite", tmp_path, None), ReadConnections(keep=2)
-    try:
-        with reads.borrow(engine), reads.borrow(engine), reads.borrow(engine):
-            assert engine.pool.checkedout() == 3
-        assert engine.pool.checkedout() == 2  # the third went back to the pool
-    finally:
-        engine.dispose()
+def test_no_more_are_kept_than_the_limit(engine):
+    reads = ReadConnections(keep=2)
+    with reads.borrow(engine), reads.borrow(engine), reads.borrow(engine):
+        assert engine.pool.checkedout() == 3
+    assert engine.pool.checkedout() == 2  # the third went back to the pool
 
 
-def test_the_schema_map_follows_the_borrower(pg_url):
-    engine, reads = create_engine(pg_url), ReadConnections()
+def test_the_schema_map_follows_the_borrower(pg_engine, reads):
     table = sa.Table("place", sa.MetaData(), sa.Column("name", sa.Text))
-    try:
-        with engine.begin() as connection:
-            for schema in ("t_one", "t_two"):
-                connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-                connection.exec_driver_sql(f"CREATE TABLE {schema}.place (name text)")
-                connection.exec_driver_sql(f"INSERT INTO {schema}.place VALUES ('{schema}')")
-        for schema in ("t_one", "t_two", "t_one"):
-            with reads.borrow(engine, schema_translate_map={None: schema}) as connection:
-                assert connection.execute(sa.select(table.c.name)).scalar() == schema
-    finally:
-        engine.dispose()
+    with pg_engine.begin() as connection:
+        for schema in ("t_one", "t_two"):
+            connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+            connection.exec_driver_sql(f"CREATE TABLE {schema}.place (name text)")
+            connection.exec_driver_sql(f"INSERT INTO {schema}.place VALUES ('{schema}')")
+    for schema in ("t_one", "t_two", "t_one"):
+        with reads.borrow(pg_engine, schema_translate_map={None: schema}) as connection:
+            assert connection.execute(sa.select(table.c.name)).scalar() == schema
 
 
-def test_a_connection_whose_options_were_changed_is_not_kept(backend, tmp_path, request):
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
-    try:
-        with reads.borrow(engine) as connection:
-            changed = _driver(connection)
-            connection.execution_options(stream_results=True)
-        with reads.borrow(engine) as connection:
-            assert _driver(connection) is not changed
-            assert "stream_results" not in connection.get_execution_options()
-    finally:
-        engine.dispose()
-
-
-def test_an_invalidated_connection_is_not_kept(backend, tmp_path, request):
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
-    try:
-        with reads.borrow(engine) as connection:
-            lost = _driver(connection)
-            connection.invalidate()
-        with reads.borrow(engine) as connection:
-            assert _driver(connection) is not lost
-            assert connection.exec_driver_sql("SELECT 1").scalar() == 1
-    finally:
-        engine.dispose()
-
-
-def test_a_replaced_pool_retires_what_was_kept_from_the_old_one(backend, tmp_path, request):
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
-    try:
-        with reads.borrow(engine) as connection:
-            old = connection
-        engine.dispose(close=False)  # what a lost server leads to (``direct``)
-        assert old.closed
-        with reads.borrow(engine) as connection:
-            assert connection is not old
-            assert connection.exec_driver_sql("SELECT 1").scalar() == 1
-    finally:
-        engine.dispose()
-
-
-def test_disposing_of_the_engine_closes_the_kept_connections(pg_url):
-    engine, reads = create_engine(pg_url), ReadConnections()
+def test_a_connection_whose_options_were_changed_is_not_kept(engine, reads):
     with reads.borrow(engine) as connection:
+        changed = _driver(connection)
+        connection.execution_options(stream_results=True)
+    with reads.borrow(engine) as connection:
+        assert _driver(connection) is not changed
+        assert "stream_results" not in connection.get_execution_options()
+
+
+def test_an_invalidated_connection_is_not_kept(engine, reads):
+    with reads.borrow(engine) as connection:
+        lost = _driver(connection)
+        connection.invalidate()
+    with reads.borrow(engine) as connection:
+        assert _driver(connection) is not lost
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+
+
+def test_a_replaced_pool_retires_what_was_kept_from_the_old_one(engine, reads):
+    with reads.borrow(engine) as connection:
+        old = connection
+    engine.dispose(close=False)  # what a lost server leads to (``direct``)
+    assert old.closed
+    with reads.borrow(engine) as connection:
+        assert connection is not old
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+
+
+def test_disposing_of_the_engine_closes_the_kept_connections(pg_engine, reads):
+    with reads.borrow(pg_engine) as connection:
         kept = _driver(connection)
         backend_pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-    engine.dispose()
+    pg_engine.dispose()
     assert kept.closed
-    admin = create_engine(pg_url)
-    try:
-        with admin.connect() as probe:
-            alive = probe.execute(
-                sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
-                {"pid": backend_pid},
-            )
-            assert alive.scalar() == 0
-    finally:
-        admin.dispose()
+    with pg_engine.connect() as probe:  # a new pool's connection
+        alive = probe.execute(
+            sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
+            {"pid": backend_pid},
+        )
+        assert alive.scalar() == 0
 
 
-def test_an_error_inside_the_read_keeps_a_sound_connection(backend, tmp_path, request):
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
-    try:
-        try:
-            with reads.borrow(engine) as connection:
-                kept = _driver(connection)
-                connection.exec_driver_sql("SELECT * FROM no_such_table")
-        except sa.exc.DBAPIError:
-            pass
-        else:
-            raise AssertionError("the statement should have failed")
-        with reads.borrow(engine) as connection:
-            assert _driver(connection) is kept
-            assert connection.exec_driver_sql("SELECT 1").scalar() == 1
-    finally:
-        engine.dispose()
+def test_an_error_inside_the_read_keeps_a_sound_connection(engine, reads):
+    with pytest.raises(sa.exc.DBAPIError), reads.borrow(engine) as connection:
+        kept = _driver(connection)
+        connection.exec_driver_sql("SELECT * FROM no_such_table")
+    with reads.borrow(engine) as connection:
+        assert _driver(connection) is kept
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
 
 
-def test_an_in_memory_database_keeps_nothing():
-    engine, reads = create_engine("sqlite://"), ReadConnections()
+def test_an_in_memory_database_keeps_nothing(reads):
+    engine = create_engine("sqlite://")
     try:
         with reads.borrow(engine) as connection:
             assert connection.exec_driver_sql("SELECT 1").scalar() == 1
@@ -205,12 +170,8 @@ def test_an_in_memory_database_keeps_nothing():
         engine.dispose()
 
 
-def test_a_connection_kept_by_one_thread_serves_the_next(backend, tmp_path, request):
+def test_a_connection_kept_by_one_thread_serves_the_next(engine, reads):
     """Worker threads hand kept connections on (gunicorn's gthread workers)."""
-    import threading
-
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    engine, reads = _engine(backend, tmp_path, pg), ReadConnections()
     seen: list[tuple[object, int]] = []
     failures: list[BaseException] = []
 
@@ -221,13 +182,10 @@ def test_a_connection_kept_by_one_thread_serves_the_next(backend, tmp_path, requ
         except BaseException as exc:  # reported below, in the test's thread
             failures.append(exc)
 
-    try:
-        for _ in range(3):
-            worker = threading.Thread(target=read)
-            worker.start()
-            worker.join()
-        assert not failures, failures
-        assert [value for _, value in seen] == [7, 7, 7]
-        assert len({id(driver) for driver, _ in seen}) == 1
-    finally:
-        engine.dispose()
+    for _ in range(3):
+        worker = threading.Thread(target=read)
+        worker.start()
+        worker.join()
+    assert not failures, failures
+    assert [value for _, value in seen] == [7, 7, 7]
+    assert len({id(driver) for driver, _ in seen}) == 1
