@@ -770,10 +770,10 @@ def api(
             for _ in range(reps):
                 for name, (path, floor_path) in paths.items():
                     throughput[f"{name} b1"].append(
-                        servers.wrk(floor.base + floor_path, wrk_seconds)
+                        servers.balanced_wrk(floor, floor.base + floor_path, wrk_seconds)
                     )
                     throughput[f"{name} api"].append(
-                        servers.wrk(mine.base + path, wrk_seconds, auth)
+                        servers.balanced_wrk(mine, mine.base + path, wrk_seconds, auth)
                     )
         rows: list[Row] = []
         for name in paths:
@@ -802,6 +802,10 @@ def api(
                 rate = statistics.median(r.requests_per_s for r in runs)
                 floor_rate = statistics.median(r.requests_per_s for r in floor_runs)
                 errors = sum(r.errors for r in runs)
+                redone = sum(r.redone for r in runs), sum(r.redone for r in floor_runs)
+                notes = [f"{errors} errors"] if errors else []
+                if any(redone):
+                    notes.append(f"one-worker runs redone {redone[0]} / {redone[1]}")
                 rows.append(
                     Row(
                         f"{name} wrk -c8 req/s",
@@ -809,7 +813,7 @@ def api(
                         "/s",
                         baseline=floor_rate,
                         target=at_least_ratio(0.8),
-                        note=f"{errors} errors" if errors else "",
+                        note="; ".join(notes),
                     )
                 )
                 rows.append(

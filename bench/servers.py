@@ -20,6 +20,7 @@ throughput and latency distribution.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import decimal
 import http.client
@@ -36,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -180,6 +182,18 @@ class Server:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def worker_ticks(self) -> dict[int, int]:
+        """CPU time (user + system, clock ticks) of each gunicorn worker, by pid."""
+        ticks = {}
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        for pid in children.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except FileNotFoundError:
+                continue  # a worker that exited meanwhile
+            ticks[int(pid)] = int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks
+
 
 @contextlib.contextmanager
 def serve(name: str, factory: str, env: dict[str, str], ready_path: str) -> Iterator[Server]:
@@ -281,6 +295,10 @@ class WrkResult:
     p99: float
     requests: int
     errors: int
+    #: Each worker's share of the server's CPU time during the run (None: not measured).
+    worker_shares: tuple[float, ...] | None = None
+    #: Runs before this one that were done again because one worker sat idle.
+    redone: int = 0
 
     @classmethod
     def parse(cls, text: str) -> WrkResult:
@@ -312,6 +330,37 @@ class WrkResult:
 
 def wrk_available() -> bool:
     return shutil.which("wrk") is not None
+
+
+#: A run counts only when its least busy worker used at least this share of the busiest's CPU.
+BALANCED = 0.5
+#: Runs tried before giving up on a balanced one.
+ATTEMPTS = 6
+
+
+def balanced_wrk(
+    server: Server, url: str, seconds: float, headers: dict[str, str] | None = None
+) -> WrkResult:
+    """Run ``wrk`` until both workers of ``server`` served a fair share of the run.
+
+    Every gunicorn worker accepts connections from the shared socket, and wrk's 8
+    keep-alive connections are often all taken by one worker, which then serves the
+    whole run on one core behind its GIL: a third to half of the two workers'
+    throughput, whichever app it is. Such a run measures a one-worker server, so it
+    is done again (for metacrm and B1 alike), up to ``ATTEMPTS`` times; the result
+    says how many runs were redone, and the last run counts if none was balanced.
+    """
+    redone = 0
+    while True:
+        before = server.worker_ticks()
+        result = wrk(url, seconds, headers)
+        after = server.worker_ticks()
+        used = [after[pid] - before[pid] for pid in after if pid in before]
+        shares = tuple(u / (sum(used) or 1) for u in used)
+        balanced = len(used) > 1 and min(used) >= BALANCED * max(used)
+        if balanced or redone + 1 >= ATTEMPTS:
+            return dataclasses.replace(result, worker_shares=shares, redone=redone)
+        redone += 1
 
 
 def wrk(url: str, seconds: float, headers: dict[str, str] | None = None) -> WrkResult:
