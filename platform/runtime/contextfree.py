@@ -38,7 +38,9 @@ def build_watched(build: Callable[[EvalContext], _T], ctx: EvalContext) -> tuple
     may be cached; otherwise it must be built per request.
     """
     # Copied without counting as a read: builders nest (a list's shape holds its sort keys).
-    watched = _Watched(**{name: object.__getattribute__(ctx, name) for name in _VALUES})
+    # Any other context is read as usual (one may set its values on first use).
+    value_of = object.__getattribute__ if isinstance(ctx, _Watched) else getattr
+    watched = _Watched(**{name: value_of(ctx, name) for name in _VALUES})
     object.__setattr__(watched, "_read", False)  # __post_init__ checked the values
     found = build(watched)
     read = object.__getattribute__(watched, "_read")

@@ -202,10 +202,10 @@ class ReadConnections:
         if kept is None:
             kept = _Kept(for_reads(engine.connect()), engine.pool)
         connection = kept.connection
-        current = connection.get_execution_options()
-        if any(current.get(name) != value for name, value in options.items()):
-            connection.execution_options(**options)
         settled = connection.get_execution_options()
+        if any(settled.get(name) != value for name, value in options.items()):
+            connection.execution_options(**options)
+            settled = connection.get_execution_options()
         try:
             yield connection
         finally:

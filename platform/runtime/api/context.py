@@ -69,7 +69,11 @@ def resolve(slug: str) -> RequestContext:
     _check_ip(sessions.tenant_security(p, tenant))
     if principal.token is not None:
         record_use(p.control_engine, principal.token)
-    context = RequestContext(tenant, p.store(tenant), principal)
+    # Kept on the principal like its access: the token cache gives the same principal
+    # and tenant rows until the control database changes, so the store stays the same.
+    context = principal.memo.get("context")
+    if context is None:
+        context = principal.memo["context"] = RequestContext(tenant, p.store(tenant), principal)
     g.metacrm_context = context
     return context
 

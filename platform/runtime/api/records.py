@@ -123,14 +123,38 @@ def _allowed(context: RequestContext, model: TenantModel, entity: str, action: s
     return found
 
 
+class _RequestEvalContext(EvalContext):
+    """The request's evaluation context, reading the clock only if an expression asks.
+
+    Most requests run statements built once per published version, which hold no
+    ``now()`` or ``today()``: working out today's date in the tenant's time zone
+    and checking the values was 2 % of a worker's time under load on a read by
+    id. ``now`` and ``today`` are therefore set on first use (``__getattr__`` is
+    only asked for attributes not set yet); the other values are set at once.
+    """
+
+    _timezone: dt.tzinfo
+
+    def __init__(
+        self, timezone: dt.tzinfo, user_id: uuid.UUID, team_ids: Sequence[uuid.UUID]
+    ) -> None:
+        object.__setattr__(self, "_timezone", timezone)
+        object.__setattr__(self, "user_id", user_id)
+        object.__setattr__(self, "team_ids", team_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in ("now", "today"):
+            raise AttributeError(name)
+        now = dt.datetime.now(dt.UTC)
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "today", now.astimezone(self._timezone).date())
+        return object.__getattribute__(self, name)
+
+
 def _eval_context(
     model: TenantModel, context: RequestContext, allowed: authz.Access
 ) -> EvalContext:
-    now = dt.datetime.now(dt.UTC)
-    today = now.astimezone(model.timezone).date()
-    return EvalContext(
-        now=now, today=today, user_id=context.principal.user.id, team_ids=allowed.teams
-    )
+    return _RequestEvalContext(model.timezone, context.principal.user.id, allowed.teams)
 
 
 def _cursor_secret(context: RequestContext) -> bytes:

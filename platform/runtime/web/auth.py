@@ -180,6 +180,11 @@ class CookieSessions(SecureCookieSessionInterface):
             return self.session_class()
         return super().open_session(app, request)
 
+    def is_null_session(self, obj: object) -> bool:
+        # Flask's isinstance check goes through ABCMeta (sessions are mappings): an exact
+        # type check answers the same, since only make_null_session makes null sessions.
+        return type(obj) is self.null_session_class
+
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not session and not session.modified and not session.accessed:
             return

@@ -352,6 +352,24 @@ def test_list_filters_sorts_and_chooses_fields(a):
     }
 
 
+def test_filters_reading_the_clock_and_the_caller_use_the_request_values(a):
+    """``today()``, ``now()`` and ``me()`` in a filter see this request's date and caller.
+
+    The request's evaluation context reads the clock on first use only (most
+    statements are built once and never ask); a filter that asks must still get it.
+    """
+    city = marker()
+    customer(a, city=city, next_follow_up_on="2000-01-01")
+    customer(a, city=city, next_follow_up_on="2999-01-01")
+    due = a.items("customer", filter=f'city = "{city}" and next_follow_up_on < today()')
+    assert [i["next_follow_up_on"] for i in due] == ["2000-01-01"]
+    mine = a.items(
+        "customer", filter=f'city = "{city}" and owner_id = me() and created_at <= now()'
+    )
+    assert len(mine) == 2
+    assert {i["owner_id"] for i in mine} == {a.create("customer", {"name": city})["owner_id"]}
+
+
 def test_list_search_finds_chinese_names_by_substring(a):
     city = marker()
     customer(a, city=city, name=f"上海华联贸易有限公司 {city}")

@@ -353,6 +353,22 @@ def test_build_watched_tells_a_context_free_build():
     assert build_watched(lambda c: build_watched(lambda d: 2, c)[1], ctx) == (True, True)
 
 
+def test_a_request_context_reads_the_clock_only_when_asked():
+    from zoneinfo import ZoneInfo
+
+    from metacrm.runtime.api.records import _RequestEvalContext
+
+    zone, team = ZoneInfo("Pacific/Kiritimati"), uuid.uuid4()  # UTC+14: its date is often not UTC's
+    ctx = _RequestEvalContext(zone, CALLER.user_id, (team,))
+    assert "now" not in vars(ctx) and "today" not in vars(ctx)
+    assert (ctx.user_id, ctx.team_ids) == (CALLER.user_id, (team,))
+    assert build_watched(lambda c: 1, ctx) == (1, True)
+    assert ctx.now.tzinfo is dt.UTC and ctx.today == ctx.now.astimezone(zone).date()
+    assert build_watched(lambda c: (c.now, c.today), ctx) == ((ctx.now, ctx.today), False)
+    with pytest.raises(AttributeError):
+        ctx.tomorrow  # noqa: B018 - only the two clock values are made on demand
+
+
 def test_context_free_cache_keeps_only_what_did_not_read_the_context():
     class Owner:
         pass
