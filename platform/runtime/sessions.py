@@ -97,7 +97,8 @@ def tenant_security(platform: Platform, tenant: Tenant, *, fresh: bool = False) 
     """Return a tenant's sign-in rules, read again when older than SECURITY_TTL or ``fresh``."""
     now = time.monotonic()
     with _security_lock:
-        known = _security_cache.setdefault(platform, {}).get(tenant.id)
+        rules = _security_cache.get(platform)
+        known = rules.get(tenant.id) if rules is not None else None
     if known is not None and not fresh and now - known[0] < SECURITY_TTL:
         return known[1]
     security = _read_security(platform, tenant)
