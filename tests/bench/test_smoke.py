@@ -3,6 +3,8 @@ measured what it claims to (plan shape). Never a timing assertion (BENCHMARKS.md
 
 from __future__ import annotations
 
+import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -188,6 +190,51 @@ def test_wrk_output_is_read_with_its_units_and_errors():
     assert (result.p50, result.p90, result.p99) == (3.38, 4.21, 1020.0)
     assert result.requests == 34150
     assert result.errors == 7
+
+
+def test_worker_ticks_reads_each_child_of_the_server_process():
+    process = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        server = servers.Server("two children", 0, process)
+        deadline = time.monotonic() + 5
+        while len(ticks := server.worker_ticks()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(ticks) == 2 and all(isinstance(t, int) and t >= 0 for t in ticks.values())
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_balanced_wrk_runs_again_while_one_worker_sat_idle(monkeypatch):
+    """A run whose connections all went to one worker is done again, at most ATTEMPTS times."""
+
+    class FakeServer:
+        def __init__(self, runs: list[tuple[int, int]]) -> None:
+            self.totals, self.runs = [0, 0], runs
+
+        def worker_ticks(self) -> dict[int, int]:
+            return {1: self.totals[0], 2: self.totals[1]}
+
+    def fake_wrk(server: FakeServer) -> Any:
+        def run(url: str, seconds: float, headers: Any = None) -> servers.WrkResult:
+            first, second = server.runs.pop(0)
+            server.totals[0] += first
+            server.totals[1] += second
+            return servers.WrkResult.parse(WRK_OUTPUT)
+
+        return run
+
+    skewed_then_fair = FakeServer([(100, 0), (90, 10), (55, 45)])
+    monkeypatch.setattr(servers, "wrk", fake_wrk(skewed_then_fair))
+    result = servers.balanced_wrk(skewed_then_fair, "http://127.0.0.1:1/", 1)  # type: ignore[arg-type]
+    assert result.redone == 2 and result.worker_shares == (0.55, 0.45)
+    assert result.requests_per_s == 2276.54
+
+    never_fair = FakeServer([(100, 0)] * servers.ATTEMPTS)
+    monkeypatch.setattr(servers, "wrk", fake_wrk(never_fair))
+    result = servers.balanced_wrk(never_fair, "http://127.0.0.1:1/", 1)  # type: ignore[arg-type]
+    assert result.redone == servers.ATTEMPTS - 1 and result.worker_shares == (1.0, 0.0)
+    assert never_fair.runs == []
 
 
 def test_wrk_refuses_hosts_other_than_loopback():
