@@ -60,11 +60,6 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         METACRM_SETTINGS=settings,
     )
     app.json.ensure_ascii = False  # Chinese labels stay readable in responses
-    if settings.trusted_proxies:
-        # Behind N proxies the client's address is the Nth from the right of
-        # X-Forwarded-For; throttling, the IP allowlist and the audit trail need it.
-        n = settings.trusted_proxies
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     _configure_logging(settings.log_level)
     platform = Platform(settings)
@@ -73,6 +68,12 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     problem.init_app(app)
     ratelimit.init_app(app)  # first: a flood is refused before any other work
+    if settings.trusted_proxies:
+        # Behind N proxies the client's address is the Nth from the right of
+        # X-Forwarded-For; throttling, the IP allowlist and the audit trail need it
+        # (outside the limiter's middleware, which counts by that address).
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     web_auth.init_app(app)
     app.register_blueprint(service.bp)
     app.register_blueprint(meta.bp)

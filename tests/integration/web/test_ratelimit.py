@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -60,6 +62,33 @@ def test_api_limit_is_shared_by_every_api_route(limited: Flask) -> None:
     # Another address has its own budget.
     other, _ = _client(limited)
     assert other.get(f"/t/{slug}/api/v1/meta/").status_code == 401
+
+
+def test_api_answers_tell_the_budget_left_after_each_request(limited: Flask) -> None:
+    client, _ = _client(limited)
+    answers = [client.get("/t/nosuchtenant/api/v1/meta/") for _ in range(4)]
+    assert [a.headers.get("X-RateLimit-Remaining") for a in answers] == ["2", "1", "0", None]
+    for answer in answers[:3]:
+        assert answer.headers["X-RateLimit-Limit"] == "3"
+        assert time.time() - 1 <= int(answer.headers["X-RateLimit-Reset"]) <= time.time() + 61
+        assert answer.headers.getlist("X-RateLimit-Limit") == ["3"]  # told once
+    # A refusal says when to retry instead.
+    assert answers[3].status_code == 429 and "X-RateLimit-Limit" not in answers[3].headers
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_budget(platform: Platform) -> None:
+    settings = dataclasses.replace(
+        platform.settings, api_rate_limit="2 per minute", trusted_proxies=1
+    )
+    with build_app(settings) as app:
+        client, _ = _client(app)  # the proxy's own address, the same for every client
+        one, other = (f"198.51.100.{n}" for n in random.sample(range(1, 255), 2))
+
+        def get(forwarded: str) -> int:
+            headers = {"X-Forwarded-For": forwarded}
+            return client.get("/t/x/api/v1/meta/", headers=headers).status_code
+
+        assert [get(one), get(one), get(one), get(other)] == [401, 401, 429, 401]
 
 
 def test_login_posts_are_limited_per_address(limited: Flask) -> None:
