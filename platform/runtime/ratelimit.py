@@ -136,7 +136,7 @@ class SharedWindows:
         return self._strategy.get_window_stats(item, KEY_PREFIX, *key)
 
 
-#: Where the limiter leaves a refusal for the application to answer (see ``Limiter.wrap``).
+#: Where the limiter leaves a refusal, or a counter's failure, for the application to answer.
 REFUSAL = "metacrm.rate_refusal"
 _LIMIT, _REMAINING, _RESET = "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"
 
@@ -149,8 +149,9 @@ class Limiter:
     application: a before/after hook pair, ``g`` and three ``Headers.add``
     validations per request cost about a tenth of a read by id's throughput
     under load. A refusal is still answered by the application (its problem
-    document): the middleware leaves it in the environ and ``check`` raises it.
-    Sign-in posts are counted in ``check``, which needs the route.
+    document): the middleware leaves it in the environ and ``check`` raises it,
+    as it does with any error of the counter (Redis gone: a logged 500 problem,
+    as from a hook). Sign-in posts are counted in ``check``, which needs the route.
     """
 
     api: list[RateLimitItem]
@@ -168,7 +169,7 @@ class Limiter:
             address = environ.get("REMOTE_ADDR") or "unknown"
             try:
                 stats = self._spend(self.api, ("api", address))
-            except TooManyRequests as refusal:
+            except Exception as refusal:  # answered inside the application, see ``check``
                 environ[REFUSAL] = refusal
                 return app(environ, start_response)
             # The first (tightest-listed) rate as it stands after this hit.

@@ -80,8 +80,6 @@ def resolve(slug: str) -> RequestContext:
 
 def _check_ip(security: sessions.Security) -> None:
     """Refuse a request from outside the tenant's IP allowlist (tokens and sessions alike)."""
-    if not security.ip_allowlist:
-        return  # most tenants have none: no need to look up the address
     if not security.allows(request.remote_addr):
         abort(
             403,

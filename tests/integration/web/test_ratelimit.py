@@ -91,6 +91,20 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_budget(platform: P
         assert [get(one), get(one), get(one), get(other)] == [401, 401, 429, 401]
 
 
+def test_a_counter_that_fails_gets_a_problem_answer_not_a_bare_error(platform: Platform) -> None:
+    """Redis gone: the middleware's failure is answered by the application, and logged."""
+    settings = dataclasses.replace(platform.settings, redis_url="redis://127.0.0.1:1/0")
+    with build_app(settings) as app:
+        client, _ = _client(app)
+        answer = client.get("/t/x/api/v1/meta/")
+        assert answer.status_code == 500
+        assert answer.mimetype == "application/problem+json"
+        assert answer.json["code"] == "internal_error"
+        assert "X-RateLimit-Limit" not in answer.headers
+        # Pages outside the API do not count, so they still answer.
+        assert client.get("/login").status_code == 200
+
+
 def test_login_posts_are_limited_per_address(limited: Flask) -> None:
     client, _ = _client(limited)
     for _ in range(3):  # GETs of the form are not limited
