@@ -58,7 +58,7 @@ from bench.common import (
 from metacrm.metadata import fieldtypes
 from metacrm.metadata.fieldtypes import constraint_name
 from metacrm.metadata.model import Bundle
-from metacrm.metadata.tables import build_tables
+from metacrm.metadata.tables import backend_indexes, build_tables
 from metacrm.runtime import settings, tenancy
 from metacrm.runtime.platform import Platform
 from metacrm.runtime.store import PLATFORM, audit_guard_ddl
@@ -91,7 +91,8 @@ def core_ddl(dialect: sa.engine.Dialect, trigram_schema: str | None = None) -> l
     translate = {None: SCHEMA_PLACEHOLDER} if dialect.name == "postgresql" else None
     statements: list[str] = []
     for table in metadata.sorted_tables:
-        for element in (CreateTable(table), *(CreateIndex(i) for i in table.indexes)):
+        indexes = backend_indexes(table, dialect.name)
+        for element in (CreateTable(table), *(CreateIndex(i) for i in indexes)):
             compiled = element.compile(
                 dialect=dialect,
                 schema_translate_map=translate,

@@ -682,8 +682,8 @@ def storage(bed: Bed, report: Report, rows_total: int) -> None:
         "  typed table: id, owner_id, created_at, updated_at and the 11 fields, natively typed, "
         "with indexes (status, created_at), (created_at), (amount), (owner_id), created before "
         "its rows are inserted in the order of D1's; metacrm adds team_id, created_by, "
-        "updated_by, version, deleted_at, id as the last key of the keyset indexes and a "
-        "recycle-bin index."
+        "updated_by, version, deleted_at, a recycle-bin index and, on SQLite only, id as the "
+        "last key of the keyset indexes."
     )
 
 

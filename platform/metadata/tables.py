@@ -12,7 +12,8 @@ partial, ``WHERE deleted_at IS NULL``, as every live list says, so a count
 or a filter is answered from the index alone. Unique indexes (their rule
 holds for soft-deleted records too) and lookup indexes (the foreign keys'
 ``ON DELETE`` actions scan them without that condition) stay whole; the
-recycle bin has a small index of its own.
+recycle bin has a small index of its own. The indexes that serve keyset pages
+end with the ``id`` tiebreaker on SQLite only (decision record 0020).
 """
 
 from __future__ import annotations
@@ -72,6 +73,35 @@ def live_rows_only(table: sa.Table) -> dict[str, Any]:
     return {"postgresql_where": live, "sqlite_where": live}
 
 
+#: Key of ``Index.info`` naming the one backend an index is for (see :func:`keyset_index`).
+BACKEND = "metacrm.backend"
+
+
+def keyset_index(name: str, table: sa.Table, *columns: sa.Column[Any]) -> None:
+    """Add a live-rows index for lists sorted by its last column, in each backend's shape.
+
+    Keyset pages sort by the list's columns and then ``id``, so that the order is
+    total. SQLite gets ``id`` as the index's last column, and reads a page in order
+    from the index; without it SQLite sorts each page's rows again ("TEMP B-TREE FOR
+    RIGHT PART OF ORDER BY"), two to three times the page's cost. PostgreSQL gets the
+    index without it: its incremental sort orders only rows whose other columns are
+    equal, at about 0.05 ms a page, and each entry is 16 bytes smaller (decision
+    record 0020). Both are attached to ``table`` under one name, each created only
+    on its own backend (``ddl_if``; :func:`backend_indexes` for compiled DDL).
+    """
+    live = live_rows_only(table)
+    sqlite = sa.Index(name, *columns, table.c.id, info={BACKEND: "sqlite"}, **live)
+    sqlite.ddl_if(dialect="sqlite")
+    postgresql = sa.Index(name, *columns, info={BACKEND: "postgresql"}, **live)
+    postgresql.ddl_if(dialect="postgresql")
+
+
+def backend_indexes(table: sa.Table, dialect: str) -> list[sa.Index]:
+    """Return the indexes ``table`` has on the backend ``dialect`` names, by name."""
+    indexes = [i for i in table.indexes if i.info.get(BACKEND, dialect) == dialect]
+    return sorted(indexes, key=lambda index: str(index.name))
+
+
 def link_table_name(entity: str, field_name: str) -> str:
     """Return the name of the link table behind a many-to-many field."""
     return f"{entity}__{field_name}"
@@ -106,8 +136,8 @@ def field_indexes(f: FieldDef, table: sa.Table) -> list[sa.Index]:
     return result
 
 
-def composite_index(entity: EntityDef, spec: dict[str, Any], table: sa.Table) -> sa.Index:
-    """Return one of an entity's declared composite indexes."""
+def composite_index(entity: EntityDef, spec: dict[str, Any], table: sa.Table) -> None:
+    """Add one of an entity's declared composite indexes to ``table``."""
     columns = []
     for name in spec["fields"]:
         if name in table.c:
@@ -115,15 +145,11 @@ def composite_index(entity: EntityDef, spec: dict[str, Any], table: sa.Table) ->
         else:
             f = entity.fields[name]
             columns.extend(table.c[c] for c in fieldtypes.get(f.type).column_names(f))
-    unique = spec.get("unique", False)
-    if unique:
-        return sa.Index(constraint_name("ix", entity.name, spec["name"]), *columns, unique=True)
-    # The id tiebreaker of keyset pagination, so a list sorted by the index's last
-    # column is served from the index alone (no extra sort step).
-    columns.append(table.c.id)
-    return sa.Index(
-        constraint_name("ix", entity.name, spec["name"]), *columns, **live_rows_only(table)
-    )
+    name = constraint_name("ix", entity.name, spec["name"])
+    if spec.get("unique", False):
+        sa.Index(name, *columns, unique=True)
+    else:
+        keyset_index(name, table, *columns)
 
 
 def entity_table(entity: EntityDef, metadata: sa.MetaData) -> sa.Table:
@@ -135,10 +161,7 @@ def entity_table(entity: EntityDef, metadata: sa.MetaData) -> sa.Table:
     table = sa.Table(entity.name, metadata, *sorted(columns, key=storage_rank))
     live = live_rows_only(table)
     sa.Index(constraint_name("ix", entity.name, "owner_id"), table.c.owner_id, **live)
-    # id ends the index so that keyset pages (ORDER BY created_at, id) read it in order.
-    sa.Index(
-        constraint_name("ix", entity.name, "created_at"), table.c.created_at, table.c.id, **live
-    )
+    keyset_index(constraint_name("ix", entity.name, "created_at"), table, table.c.created_at)
     # The recycle bin (deleted=true lists) finds its rows here; it holds only those.
     bin_rows = table.c.deleted_at.is_not(None)
     sa.Index(

@@ -25,7 +25,12 @@ from metacrm.metadata.conversions import conversion
 from metacrm.metadata.fieldtypes import ON_DELETE, ValueProblem, constraint_name
 from metacrm.metadata.model import Bundle, FieldDef
 from metacrm.metadata.plan import Operation, Plan
-from metacrm.metadata.tables import build_tables, field_indexes, link_table_name
+from metacrm.metadata.tables import (
+    backend_indexes,
+    build_tables,
+    field_indexes,
+    link_table_name,
+)
 from metacrm.runtime.model import compile_model
 from metacrm.runtime.search import ensure_search_indexes, new_table_search_ddl
 from metacrm.runtime.store import DDL_CACHE, run_ddl, table_ddl
@@ -368,12 +373,14 @@ class _Applier:
             return  # the rebuild creates every index of the new shape
         table = self.new_md.tables[op.entity]
         name = constraint_name("ix", op.entity, op.params["index"]["name"])
-        next(i for i in table.indexes if i.name == name).create(self.conn)
+        indexes = backend_indexes(table, self.conn.dialect.name)
+        next(i for i in indexes if i.name == name).create(self.conn)
 
     def do_drop_index(self, op: Operation) -> None:
         table = self.old_md.tables[op.entity]
         name = constraint_name("ix", op.entity, op.params["index"]["name"])
-        next(i for i in table.indexes if i.name == name).drop(self.conn)
+        indexes = backend_indexes(table, self.conn.dialect.name)
+        next(i for i in indexes if i.name == name).drop(self.conn)
 
     # -- changing columns ----------------------------------------------------------------
 
@@ -506,7 +513,7 @@ class _Applier:
                     .values({field_name: sa.bindparam("value", type_=target.c[field_name].type)})
                 )
                 self.conn.execute(update, values)
-        for index in target.indexes:
+        for index in backend_indexes(target, "sqlite"):
             index.create(self.conn)
 
     def _converted_values(self, table: str, field_name: str, op: Operation) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from metacrm.metadata.coltypes import JSONValue, UTCDateTime
+from metacrm.metadata.tables import backend_indexes
 from metacrm.runtime.database import READS
 
 PLATFORM = sa.MetaData()
@@ -167,7 +168,7 @@ def _compile_ddl(dialect: sa.Dialect, metadata: sa.MetaData, tables: list[sa.Tab
     for table in metadata.sorted_tables:
         if table in wanted:
             statements.append(CreateTable(table))
-            indexes = sorted(table.indexes, key=lambda index: str(index.name))
+            indexes = backend_indexes(table, dialect.name)
             statements.extend(CreateIndex(index) for index in indexes)
     translate = {None: _PLACEHOLDER_SCHEMA}
     return [

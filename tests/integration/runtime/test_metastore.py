@@ -200,6 +200,25 @@ def test_index_added_and_removed(blank_store, minimal_bundle):
     assert not {"ix_lead__city", "ix_lead__by_city_score"} & set(indexes(blank_store, "lead"))
 
 
+def test_keyset_indexes_end_with_id_on_sqlite_only(blank_store, minimal_bundle):
+    """SQLite reads ties in id order from the index; PostgreSQL sorts them (record 0020)."""
+    publish(blank_store, minimal_bundle)
+    tail = ["id"] if blank_store.schema is None else []
+    assert indexes(blank_store, "lead")["ix_lead__created_at"]["column_names"] == [
+        "created_at",
+        *tail,
+    ]
+    # A composite index added by a later publish takes the same shape, and goes again.
+    lead(minimal_bundle)["indexes"] = [{"name": "by_city_score", "fields": ["city", "score"]}]
+    publish(blank_store, minimal_bundle)
+    found = indexes(blank_store, "lead")
+    assert found["ix_lead__by_city_score"]["column_names"] == ["city", "score", *tail]
+    assert len([name for name in found if name == "ix_lead__by_city_score"]) == 1
+    del lead(minimal_bundle)["indexes"]
+    publish(blank_store, minimal_bundle)
+    assert "ix_lead__by_city_score" not in indexes(blank_store, "lead")
+
+
 def test_making_field_required_is_refused_with_count_and_sample_ids(blank_store, minimal_bundle):
     insert(blank_store, "lead", {"name": "A", "city": "Shanghai"})
     empty = insert(blank_store, "lead", {"name": "B"}, {"name": "C"})
