@@ -589,7 +589,7 @@ def append(
         found = connection.execute(_append_one(), values).first()
         _appended(connection, entry, found)
         return entry
-    pending = pipeline.execute(_append_one(), values)
+    pending = pipeline.execute(_append_one(), values, reused=True)
     pipeline.then(lambda: _appended(connection, entry, pending.first()))
     return entry
 

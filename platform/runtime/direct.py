@@ -20,6 +20,11 @@ invalidated on a disconnect, so the API's 503 answers are unchanged.
 Only statements that can be compiled to fixed SQL qualify: no expanding
 ``IN`` lists or literal-execute parameters (``prepare`` returns None and the
 caller executes through SQLAlchemy as before).
+
+``send`` puts a prepared statement on a cursor of its own without reading its
+answer: a write's statements queued in a pipeline (:mod:`metacrm.runtime.pipeline`)
+go this way, an INSERT or UPDATE compiled for the columns its parameters name,
+as SQLAlchemy compiles it per set of keys.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ _Processor = Callable[[Any], Any]
 
 @dataclass
 class Prepared:
-    """One SELECT compiled for one dialect and schema, with its bound values worked out."""
+    """One statement compiled for one dialect and schema, with its bound values worked out."""
 
     sql: str
     #: Values of the parameters the statement carries itself, already bound.
@@ -54,19 +59,24 @@ class Prepared:
 
 
 def prepare(
-    statement: sa.Select[Any], dialect: Dialect, schema: str | None, supplied: Sequence[str] = ()
+    statement: sa.Executable,
+    dialect: Dialect,
+    schema: str | None,
+    supplied: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
 ) -> Prepared | None:
     """Compile ``statement`` once; None when it cannot be sent as fixed SQL.
 
     ``supplied`` names the bound parameters the caller gives on each run (the
-    others carry their values in the statement).
+    others carry their values in the statement). ``columns`` are the columns an
+    INSERT or UPDATE sets from those parameters (SQLAlchemy's ``column_keys``).
     """
-    if schema is None:
-        compiled = statement.compile(dialect=dialect)
-    else:
-        compiled = statement.compile(
-            dialect=dialect, schema_translate_map={None: schema}, render_schema_translate=True
-        )
+    options: dict[str, Any] = {"dialect": dialect}
+    if columns is not None:
+        options["column_keys"] = list(columns)
+    if schema is not None:
+        options.update(schema_translate_map={None: schema}, render_schema_translate=True)
+    compiled = statement.compile(**options)  # type: ignore[attr-defined]
     if compiled.post_compile_params or compiled.literal_execute_params:
         return None
     positional = bool(compiled.positional)
@@ -89,19 +99,48 @@ def prepare(
         fixed=fixed,
         supplied=tuple((n, k, processors.get(k)) for n, k in supplied_keys.items()),
         order=tuple(compiled.positiontup or ()) if positional else None,
-        types=tuple(c.type for c in statement.selected_columns),
+        types=tuple(c.type for c in getattr(statement, "selected_columns", ())),
     )
+
+
+def _arguments(prepared: Prepared, params: Mapping[str, Any] | None) -> Any:
+    """The driver's parameters: the fixed values and the caller's, bound."""
+    values = dict(prepared.fixed)
+    for name, key, process in prepared.supplied:
+        value = params[name] if params is not None else None
+        values[key] = process(value) if process is not None else value
+    return values if prepared.order is None else [values[k] for k in prepared.order]
+
+
+def send(connection: Connection, prepared: Prepared, params: Mapping[str, Any] | None) -> Any:
+    """Execute a prepared statement on a new driver cursor and return the cursor, unread.
+
+    In psycopg's pipeline mode the statement is only queued; its answer (or its
+    error) is read from the cursor when the pipeline ends.
+    """
+    arguments = _arguments(prepared, params)
+    sql = prepared.sql
+    dispatch = connection.dispatch
+    raw = connection.connection
+    cursor = raw.cursor()
+    if dispatch.before_cursor_execute:
+        dispatch.before_cursor_execute(connection, cursor, sql, arguments, None, False)
+    try:
+        cursor.execute(sql, arguments)
+    except connection.dialect.loaded_dbapi.Error as exc:
+        error = _wrapped(connection, raw, cursor, sql, arguments, exc)
+        cursor.close()
+        raise error from exc
+    if dispatch.after_cursor_execute:
+        dispatch.after_cursor_execute(connection, cursor, sql, arguments, None, False)
+    return cursor
 
 
 def rows(
     connection: Connection, prepared: Prepared, params: Mapping[str, Any] | None = None
 ) -> list[Sequence[Any]]:
     """Run a prepared SELECT on the connection's driver cursor and return all its rows."""
-    values = dict(prepared.fixed)
-    for name, key, process in prepared.supplied:
-        value = params[name] if params is not None else None
-        values[key] = process(value) if process is not None else value
-    arguments: Any = values if prepared.order is None else [values[k] for k in prepared.order]
+    arguments = _arguments(prepared, params)
     sql = prepared.sql
     dispatch = connection.dispatch
     raw = connection.connection

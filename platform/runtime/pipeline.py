@@ -7,8 +7,9 @@ answer before the next one goes, so the write cost a round trip per statement
 (decision record 0016). Inside ``with pipelined(connection) as p``, statements
 given to ``p.execute`` are compiled, bound and announced to event listeners by
 SQLAlchemy as usual, but the driver only queues them; they are sent together
-and their answers read when the block ends. The first statement of a
-transaction takes psycopg's BEGIN along in the same round trip.
+and their answers read when the block ends. A transaction's BEGIN is not
+among them: psycopg sends it first and waits for its answer (a round trip of
+its own) before it queues anything, so that it knows the transaction began.
 
 Rows are read from the driver as they come, and only after the block: a
 statement whose answer decides what to send next does not belong in a
@@ -33,6 +34,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
+
+from metacrm.runtime import direct
 
 #: Execution option naming the :class:`Pending` that receives a statement's driver cursor.
 PIPELINED = "metacrm_pipelined"
@@ -123,19 +126,34 @@ class Pipeline:
         self,
         statement: sa.Executable,
         parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        *,
+        reused: bool = False,
     ) -> Pending:
-        """Queue a statement (run it at once on SQLite) and return its pending answer."""
+        """Queue a statement (run it at once on SQLite) and return its pending answer.
+
+        ``reused`` says the same statement object serves many calls (it comes from
+        a module's or a published version's cache): queued, it is then compiled
+        once per schema and set of parameter names and sent on the driver's
+        cursor (:func:`_prepared`). A statement built for one call goes through
+        SQLAlchemy, whose cache recognises it by its structure.
+        """
         pending = Pending(statement, self.connection.dialect)
         if not self.queued:
             result = self.connection.execute(statement, parameters)  # type: ignore[arg-type]
             pending._typed = list(result.all()) if result.returns_rows else []
             pending._rows = pending._typed
             return pending
-        self.connection.execute(
-            statement,
-            parameters,  # type: ignore[arg-type]
-            execution_options={PIPELINED: pending},
-        )
+        prepared = None
+        if reused and (parameters is None or isinstance(parameters, Mapping)):
+            prepared = _prepared(self.connection, statement, parameters)
+        if prepared is not None:
+            pending.cursor = direct.send(self.connection, prepared, parameters)
+        else:
+            self.connection.execute(
+                statement,
+                parameters,  # type: ignore[arg-type]
+                execution_options={PIPELINED: pending},
+            )
         self._pending.append(pending)
         return pending
 
@@ -157,6 +175,32 @@ class Pipeline:
             cursor.close()
         for callback in self._after:
             callback()
+
+
+#: Statements compiled once per schema and set of parameter names (``direct``).
+_PREPARED = direct.PreparedCache()
+
+
+def _prepared(
+    connection: Connection, statement: sa.Executable, parameters: Mapping[str, Any] | None
+) -> direct.Prepared | None:
+    """The statement compiled for these parameters' names, or None where SQLAlchemy must run it.
+
+    A queued statement's SQLAlchemy execution (its cache key, compiled-cache
+    lookup, schema translation, execution context and parameter processing)
+    cost about as much Python as psycopg's part of sending it; the statements
+    of one write (its row, outbox event, audit entry and read back) are the
+    same few shapes again and again.
+    """
+    names = tuple(sorted(parameters)) if parameters else ()
+    schema = direct.schema_of(connection)
+    key = (direct.dialect_key(connection.dialect, schema), names)
+    columns = names if isinstance(statement, sa.Insert | sa.Update) else None
+    return _PREPARED.get(
+        statement,
+        key,
+        lambda: direct.prepare(statement, connection.dialect, schema, names, columns),
+    )
 
 
 def _queued(cursor: Any, context: Any, send: Callable[[Any], Any]) -> bool:

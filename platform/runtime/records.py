@@ -856,7 +856,7 @@ def _write_logs(
         if pipe is None:
             c.connection.execute(_OUTBOX_INSERT, event)
         else:
-            pipe.execute(_OUTBOX_INSERT, event)
+            pipe.execute(_OUTBOX_INSERT, event, reused=True)
         audittrail.append(c.connection, **entry, pipeline=pipe)
     elif logs:
         c.connection.execute(outbox.insert(), [event for event, _ in logs])
@@ -1619,16 +1619,18 @@ def _written(
     """
     shown_model, shown = _shown(c)
     dialect = c.connection.dialect
-    (read, names), _ = _read_statement(shown_model, shown, c.eval_context(), False, dialect)
+    (read, names), shared = _read_statement(shown_model, shown, c.eval_context(), False, dialect)
     try:
         with pipelined(c.connection) as pipe:
             if operation == "create":
-                pipe.execute(_insert_statement(c.entity), row)
+                pipe.execute(_insert_statement(c.entity), row, reused=True)
             else:
-                pipe.execute(_update_statement(c.entity), {**(row or {}), _ID: record_id})
+                pipe.execute(
+                    _update_statement(c.entity), {**(row or {}), _ID: record_id}, reused=True
+                )
             _write_relations(c, record_id, values, pipe)
             _write_logs(c, [_record_log(c, operation, record_id, changes, version)], pipe=pipe)
-            fetched = pipe.execute(read, {"read_record_id": record_id})
+            fetched = pipe.execute(read, {"read_record_id": record_id}, reused=shared)
     except sa.exc.IntegrityError as exc:
         raise _refused(c, _integrity(c, exc).errors) from None
     errors = _check_rules(c, [("", record_id)])
@@ -1646,16 +1648,16 @@ _ID = "_record_id"
 def _locked_row(
     c: _Context, record_id: uuid.UUID, scope: sa.ColumnElement[bool] | None
 ) -> Mapping[str, Any]:
-    """Read and lock one live record (``_current``), sending the transaction's BEGIN with it.
+    """Read and lock one live record (``_current``): a statement that waits for its answer.
 
-    A statement of its own that waits for its answer; in a pipeline the BEGIN
-    goes in the same round trip instead of one before it.
+    It runs in a pipeline of its own so that it takes the same path as the
+    write's statements (compiled once, sent on the driver's cursor).
     """
     locking = _lock_statement(c.entity, c.connection.dialect.name == "postgresql")
     if scope is not None:
         locking = locking.where(scope)
     with pipelined(c.connection) as pipe:
-        locked = pipe.execute(locking, {_ID: record_id})
+        locked = pipe.execute(locking, {_ID: record_id}, reused=scope is None)
     found = locked.mappings()
     if not found:
         raise RecordNotFound(f"no live {c.entity.name} record with id {record_id}")

@@ -82,3 +82,53 @@ def test_an_error_in_a_pipeline_is_raised_as_sqlalchemy_raises_it(store: TenantS
         assert connection.execute(sa.select(sa.func.count()).select_from(outbox)).scalar() == 0
     # A callback completes answers: after a failure there are none (SQLite stops at once).
     assert later == []
+
+
+_REUSED_INSERT = outbox.insert().inline()
+_REUSED_SELECT = sa.select(outbox).where(outbox.c.record_id == sa.bindparam("wanted"))
+
+
+def test_reused_statements_store_and_read_what_sqlalchemy_would(store: TenantStore):
+    """Compiled once per parameter names and sent on the driver's cursor, same answers."""
+    sent: list[str] = []
+    with store.begin() as connection:
+        sa.event.listen(connection, "before_cursor_execute", lambda *a: sent.append(a[2]))
+        with pipelined(connection) as pipe:
+            pipe.execute(_REUSED_INSERT, event(11), reused=True)
+            # Other keys, another compilation; columns left out take their server defaults.
+            fewer = {k: v for k, v in event(12).items() if k != "actor_id"}
+            pipe.execute(_REUSED_INSERT, {**fewer, "depth": 2}, reused=True)
+            first = pipe.execute(_REUSED_SELECT, {"wanted": uuid.UUID(int=11)}, reused=True)
+            second = pipe.execute(_REUSED_SELECT, {"wanted": uuid.UUID(int=12)}, reused=True)
+        assert len(sent) == 4 and all("outbox" in sql for sql in sent)
+        expected = (
+            connection.execute(_REUSED_SELECT, {"wanted": uuid.UUID(int=11)}).mappings().one()
+        )
+        (got,) = first.mappings()
+        assert dict(got) == dict(expected)
+        assert got["payload"] == {"n": 11} and got["created_at"] == NOW
+        (other,) = second.mappings()
+        assert (other["depth"], other["attempts"], other["actor_id"]) == (2, 0, None)
+        assert (got["depth"], got["attempts"]) == (0, 0)
+        connection.rollback()
+
+
+def test_a_reused_statement_that_fails_is_raised_as_sqlalchemy_raises_it(store: TenantStore):
+    key = {
+        "principal_id": uuid.UUID(int=2),
+        "key": "k",
+        "request_hash": "h",
+        "status": 0,
+        "body": "",
+        "headers": {},
+        "created_at": NOW,
+    }
+    insert = idempotency.insert()
+    with pytest.raises(sa.exc.IntegrityError), store.begin() as connection:
+        with pipelined(connection) as pipe:
+            pipe.execute(insert, key, reused=True)
+            pipe.execute(_REUSED_INSERT, event(13), reused=True)
+            pipe.execute(insert, key, reused=True)
+    with store.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(idempotency)).scalar() == 0
+        assert connection.execute(sa.select(sa.func.count()).select_from(outbox)).scalar() == 0
