@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
 from uuid6 import uuid7
 
 from metacrm.runtime.pipeline import Pipeline
@@ -414,8 +415,17 @@ def _as_stored(value: Any) -> bool:
 
 
 class _JSONText(sa.sql.expression.ColumnElement[Any]):
-    """SQL: a bound parameter holding JSON text, as the JSON column's value."""
+    """SQL: a bound parameter holding JSON text, as the JSON column's value.
 
+    Its parameter is part of its cache key, so statements using it are compiled
+    once and cached like any other (without, SQLAlchemy could not make a key
+    and compiled the INSERT on every append: about 0.1 ms of a write on SQLite).
+    """
+
+    _traverse_internals = [
+        ("text", InternalTraversal.dp_clauseelement),
+        ("type", InternalTraversal.dp_type),
+    ]
     inherit_cache = True
 
     def __init__(self, name: str) -> None:

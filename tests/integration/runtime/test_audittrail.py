@@ -160,6 +160,26 @@ def test_append_many_chains_in_order_and_checks_everything_first(store):
     assert verify(store).ok
 
 
+def test_the_entries_insert_is_compiled_once(store):
+    """Its JSON-text parameters have a cache key, so SQLAlchemy keeps the compiled INSERT."""
+    compiled: list[object] = []
+
+    def seen(connection, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT INTO") and "_audit (" in statement:
+            compiled.append(context.compiled)
+
+    good = {"action": "record.create", "actor_id": ALICE, "actor_name": "a", "entity": "customer"}
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        for _ in range(2):
+            with store.begin() as connection:
+                audittrail.append_many(connection, [good, {**good, "detail": {"n": 1}}])
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", seen)
+    assert len(compiled) == 2 and compiled[0] is compiled[1]
+    assert verify(store).ok
+
+
 def test_a_rolled_back_write_leaves_no_entry_and_the_chain_goes_on(store):
     add(store, 2)
     before = log(store)
