@@ -131,8 +131,12 @@ def is_grouped(entry: Mapping[str, Any]) -> bool:
 
 
 class _GroupHolds(sa.sql.expression.ColumnElement[bool]):
-    """SQL: a grouped entry's ``changes`` has a key (a record id); see :func:`about_record`."""
+    """SQL: a grouped entry's ``changes`` has a key (a record id); see :func:`about_record`.
 
+    The key is a bound parameter and part of the cache key (as for ``_JSONText``).
+    """
+
+    _traverse_internals = [("key", InternalTraversal.dp_clauseelement)]
     type = sa.Boolean()
     inherit_cache = True
 
