@@ -230,8 +230,9 @@ def count_records(
     # This count reached the cap last time: ask for the estimate in the same round trip.
     try:
         with pipelined(connection) as pipe:
-            count = pipe.execute(counted)
-            explained = pipe.execute(explain)
+            # Shared conditions make shared statements (``_count_statements``).
+            count = pipe.execute(counted, reused=where.shared)
+            explained = pipe.execute(explain, reused=where.shared)
     except DBAPIError as exc:
         refused = _query_error(connection, exc, where.node)
         if refused is None:
