@@ -8,6 +8,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
+from metacrm.runtime import tenancy
 from metacrm.runtime.pipeline import pipelined
 from metacrm.runtime.store import TenantStore, idempotency, outbox
 
@@ -22,6 +23,18 @@ def event(n: int) -> dict[str, object]:
         "record_id": uuid.UUID(int=n),
         "actor_id": None,
         "payload": {"n": n},
+    }
+
+
+def idempotency_key(n: int) -> dict[str, object]:
+    return {
+        "principal_id": uuid.UUID(int=n),
+        "key": "k",
+        "request_hash": "h",
+        "status": 0,
+        "body": "",
+        "headers": {},
+        "created_at": NOW,
     }
 
 
@@ -61,15 +74,7 @@ def test_pipelined_rows_by_name_are_typed_as_sqlalchemy_types_them(store: Tenant
 
 
 def test_an_error_in_a_pipeline_is_raised_as_sqlalchemy_raises_it(store: TenantStore):
-    key = {
-        "principal_id": uuid.UUID(int=1),
-        "key": "k",
-        "request_hash": "h",
-        "status": 0,
-        "body": "",
-        "headers": {},
-        "created_at": NOW,
-    }
+    key = idempotency_key(1)
     later: list[str] = []
     with pytest.raises(sa.exc.IntegrityError), store.begin() as connection:
         with pipelined(connection) as pipe:
@@ -114,15 +119,7 @@ def test_reused_statements_store_and_read_what_sqlalchemy_would(store: TenantSto
 
 
 def test_a_reused_statement_that_fails_is_raised_as_sqlalchemy_raises_it(store: TenantStore):
-    key = {
-        "principal_id": uuid.UUID(int=2),
-        "key": "k",
-        "request_hash": "h",
-        "status": 0,
-        "body": "",
-        "headers": {},
-        "created_at": NOW,
-    }
+    key = idempotency_key(2)
     insert = idempotency.insert()
     with pytest.raises(sa.exc.IntegrityError), store.begin() as connection:
         with pipelined(connection) as pipe:
@@ -132,3 +129,20 @@ def test_a_reused_statement_that_fails_is_raised_as_sqlalchemy_raises_it(store: 
     with store.connect() as connection:
         assert connection.execute(sa.select(sa.func.count()).select_from(idempotency)).scalar() == 0
         assert connection.execute(sa.select(sa.func.count()).select_from(outbox)).scalar() == 0
+
+
+def test_a_reused_statement_writes_into_each_tenants_own_namespace(store: TenantStore, platform):
+    """Compiled per schema: the same statement object never reaches another tenant's table."""
+    other = platform.store(
+        tenancy.create_tenant(
+            platform, f"t{uuid.uuid4().hex[:10]}", "Other", template="core"
+        ).tenant
+    )
+    for tenant_store, n in ((store, 21), (other, 22), (store, 23)):
+        with tenant_store.begin() as connection:
+            with pipelined(connection) as pipe:
+                pipe.execute(_REUSED_INSERT, event(n), reused=True)
+    for tenant_store, expected in ((store, {21, 23}), (other, {22})):
+        with tenant_store.connect() as connection:
+            found = connection.execute(sa.select(outbox.c.record_id)).scalars().all()
+        assert {r.int for r in found} == expected
